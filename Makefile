@@ -1,0 +1,63 @@
+# `make run` sets up .venv and runs the pipeline on embedded defaults; `make test` runs the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GRPO := $(VENV)/bin/grpo
+
+# Offline and quiet by default (the user's environment wins).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+export DVC_NO_ANALYTICS ?= 1
+export GX_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup setup-bench run test test-fast lint format bench reproduce clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv with the CPU build of torch and the project (editable)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup-bench: setup  ## add the benchmark peers (TRL, psutil)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
+
+run: setup  ## run the retraining pipeline on embedded defaults (generated data, tiny model)
+	$(GRPO) run
+
+test: setup  ## run the whole test suite
+	$(PY) -m pytest -q
+
+test-fast: setup  ## the tests without the slow (end-to-end, multi-process) ones
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup  ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+reproduce: setup  ## the paper's synthetic experiments (Figure 2), all scenarios and methods
+	$(GRPO) reproduce synthetic --scenario all --out outputs/synthetic
+
+bench: setup-bench  ## the benchmarks (tables printed, JSON under outputs/bench)
+	mkdir -p outputs/bench
+	$(PY) -m benchmarks.synthetic --json outputs/bench/synthetic.json
+	$(PY) -m benchmarks.throughput --json outputs/bench/throughput.json
+	$(PY) -m benchmarks.pipeline --json outputs/bench/pipeline.json
+
+clean:  ## remove run outputs (keeps .venv and the MLflow store)
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,198 @@
+"""Group reductions, group weights and the robust objective (paper eq. GRPO, Algorithm 1).
+
+Notation (``docs/algorithm.md``): K groups, N_g pairs of group g in the training set, N = Σ N_g.
+
+**The group-loss estimator.** An optimizer step sees B pairs in all (every micro-batch of the
+gradient-accumulation window, every rank), drawn uniformly from the pooled data. Group g's loss
+is estimated by the importance-weighted sum
+
+    L̂_g = N / (B · N_g) · Σ_{i in step, g(i)=g} ℓ_i ,
+
+an unbiased estimate of the group mean L_g = (1/N_g) Σ_{i∈D_g} ℓ_i. It is what the authors' code
+computes (batch sum × N/N_g) divided by B, so ``η_α(ours) = B × η_α(authors)``, and its scale does
+not depend on B or on the number of accumulation steps. The robust objective Σ_g w_g L̂_g is then
+linear in the per-pair losses with per-pair coefficients c_i = N w_{g(i)} / (B N_{g(i)})
+(:func:`pair_coefficients`), which are known before the forward pass, so the weighted loss can be
+back-propagated micro-batch by micro-batch.
+
+**The methods are one objective with different group weights w ∈ Δ_K:**
+
+- ``dpo``/``ipo`` (pooled): w_g = N_g / N, hence c_i = 1/B: the plain mean over pairs.
+- ``is-dpo``/``is-ipo`` (importance sampling): w_g = 1/K, hence c_i ∝ 1/N_g: groups count equally.
+- ``gr-dpo``/``gr-ipo`` (robust): w = (1−χ)/K + χ α, with α moved toward the worst group by
+  mirror ascent α ← α ⊙ exp(η_α (L̂ + C/√N_g)), normalised, once per optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from grpo.losses import LOSS_KINDS
+
+WEIGHTINGS = ("pooled", "importance", "robust")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A preference method: a per-pair loss kind and a group weighting."""
+
+    name: str
+    loss: str  # "dpo" | "ipo"
+    weighting: str  # "pooled" | "importance" | "robust"
+
+    @property
+    def robust(self) -> bool:
+        return self.weighting == "robust"
+
+
+_PREFIX = {"": "pooled", "is-": "importance", "gr-": "robust"}
+METHODS: dict[str, Method] = {
+    f"{prefix}{loss}": Method(f"{prefix}{loss}", loss, weighting)
+    for prefix, weighting in _PREFIX.items()
+    for loss in LOSS_KINDS
+}
+
+
+def parse_method(name: str) -> Method:
+    """``"gr-dpo"`` → Method(loss="dpo", weighting="robust"); raises on unknown names."""
+    try:
+        return METHODS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}") from None
+
+
+def group_sums(
+    values: torch.Tensor, group_idx: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """Σ of ``values`` (B,) per group id in ``group_idx`` (B,) → (K,)."""
+    out = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+    return out.index_add(0, group_idx, values)
+
+
+def group_counts(group_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Number of pairs per group → (K,) float."""
+    return torch.bincount(group_idx, minlength=num_groups).to(torch.float64)
+
+
+def group_means(
+    values: torch.Tensor, group_idx: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """Mean of ``values`` per group → (K,); NaN for a group with no pairs."""
+    counts = group_counts(group_idx, num_groups).to(values.dtype)
+    sums = group_sums(values, group_idx, num_groups)
+    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
+
+
+def group_loss_estimates(
+    loss_sums: torch.Tensor, group_sizes: torch.Tensor, batch_pairs: int | float
+) -> torch.Tensor:
+    """L̂_g = N / (B N_g) · S_g from per-group loss sums S_g (K,) of a step of B pairs."""
+    sizes = group_sizes.to(loss_sums.dtype)
+    return loss_sums * (sizes.sum() / (float(batch_pairs) * sizes))
+
+
+def fixed_group_weights(weighting: str, group_sizes: torch.Tensor) -> torch.Tensor:
+    """Group weights of the non-robust methods: pooled N_g/N, importance 1/K; (K,) float64."""
+    sizes = group_sizes.to(torch.float64)
+    if weighting == "pooled":
+        return sizes / sizes.sum()
+    if weighting == "importance":
+        return torch.full_like(sizes, 1.0 / sizes.numel())
+    raise ValueError(f"weighting {weighting!r} has no fixed weights; expected pooled or importance")
+
+
+def mix_weights(alpha: torch.Tensor, chi: float) -> torch.Tensor:
+    """θ-step weights w = (1−χ)/K + χ α: χ=1 is pure GRPO, χ=0 weights the groups equally."""
+    return (1.0 - chi) / alpha.numel() + chi * alpha
+
+
+def size_adjustment(group_sizes: torch.Tensor, c: float) -> torch.Tensor:
+    """Group-DRO size adjustment C/√N_g (K,), added to L̂ in the α update only."""
+    return c / group_sizes.to(torch.float64).sqrt()
+
+
+def mirror_ascent_step(
+    alpha: torch.Tensor, group_losses: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """One exponentiated-gradient step on the simplex: α ← α ⊙ exp(η L̂) / Σ (K,).
+
+    Computed in log space so large η·L̂ cannot overflow.
+    """
+    logits = alpha.log() + eta * group_losses.to(alpha.dtype)
+    return torch.softmax(logits, dim=0)
+
+
+def pair_coefficients(
+    group_weights: torch.Tensor,
+    group_idx: torch.Tensor,
+    group_sizes: torch.Tensor,
+    batch_pairs: int | float,
+) -> torch.Tensor:
+    """c_i = N w_{g(i)} / (B N_{g(i)}) (B,): Σ_i c_i ℓ_i = Σ_g w_g L̂_g."""
+    sizes = group_sizes.to(torch.float64)
+    per_group = group_weights.to(torch.float64) * sizes.sum() / (float(batch_pairs) * sizes)
+    return per_group[group_idx]
+
+
+def robust_objective(group_losses: torch.Tensor, group_weights: torch.Tensor) -> torch.Tensor:
+    """Σ_g w_g L_g; with w = α this is the GRPO objective, maximised over α ∈ Δ_K."""
+    return (group_weights.to(group_losses.dtype) * group_losses).sum()
+
+
+class GroupWeights:
+    """The group weights of one training run, as explicit state.
+
+    ``weights`` are the θ-step weights w (fixed for pooled/importance, (1−χ)/K + χα for robust);
+    :meth:`update` applies one mirror-ascent step from a step's loss estimates L̂ (robust only).
+    """
+
+    def __init__(
+        self,
+        method: Method | str,
+        group_sizes: torch.Tensor | list[int],
+        *,
+        eta: float = 0.0,
+        chi: float = 1.0,
+        size_c: float = 0.0,
+    ) -> None:
+        self.method = parse_method(method) if isinstance(method, str) else method
+        self.group_sizes = torch.as_tensor(group_sizes, dtype=torch.float64)
+        if self.group_sizes.ndim != 1 or (self.group_sizes <= 0).any():
+            raise ValueError(f"group sizes must be positive counts, got {group_sizes}")
+        if not 0.0 <= chi <= 1.0:
+            raise ValueError(f"chi must be in [0, 1], got {chi}")
+        if eta < 0:
+            raise ValueError(f"eta_alpha must be >= 0, got {eta}")
+        self.eta, self.chi, self.size_c = float(eta), float(chi), float(size_c)
+        k = self.group_sizes.numel()
+        self.alpha = torch.full((k,), 1.0 / k, dtype=torch.float64)
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_sizes.numel()
+
+    @property
+    def weights(self) -> torch.Tensor:
+        if self.method.robust:
+            return mix_weights(self.alpha, self.chi)
+        return fixed_group_weights(self.method.weighting, self.group_sizes)
+
+    def update(self, group_losses: torch.Tensor) -> torch.Tensor:
+        """α ← MirrorAscent(α, L̂ + C/√N_g, η_α); a no-op for non-robust methods. Returns α."""
+        if self.method.robust:
+            adjusted = group_losses.detach().to(torch.float64).cpu()
+            adjusted = adjusted + size_adjustment(self.group_sizes, self.size_c)
+            self.alpha = mirror_ascent_step(self.alpha, adjusted, self.eta)
+        return self.alpha
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha.clone(), "eta": self.eta, "chi": self.chi, "size_c": self.size_c}
+
+    def load_state_dict(self, state: dict) -> None:
+        alpha = torch.as_tensor(state["alpha"], dtype=torch.float64)
+        if alpha.shape != self.alpha.shape:
+            raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected {tuple(self.alpha.shape)}")
+        self.alpha = alpha.clone()
+        self.eta, self.chi, self.size_c = float(state["eta"]), float(state["chi"]), float(state["size_c"])

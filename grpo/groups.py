@@ -90,22 +90,22 @@ def group_loss_estimates(
 ) -> torch.Tensor:
     """L̂_g = N / (B N_g) · S_g from per-group loss sums S_g (K,) of a step of B pairs."""
     sizes = group_sizes.to(loss_sums.dtype)
-    return loss_sums * (sizes.sum() / (float(batch_pairs) * sizes))
+    return loss_sums * (sizes.sum(-1, keepdim=True) / (float(batch_pairs) * sizes))
 
 
 def fixed_group_weights(weighting: str, group_sizes: torch.Tensor) -> torch.Tensor:
     """Group weights of the non-robust methods: pooled N_g/N, importance 1/K; (K,) float64."""
     sizes = group_sizes.to(torch.float64)
     if weighting == "pooled":
-        return sizes / sizes.sum()
+        return sizes / sizes.sum(-1, keepdim=True)
     if weighting == "importance":
-        return torch.full_like(sizes, 1.0 / sizes.numel())
+        return torch.full_like(sizes, 1.0 / sizes.shape[-1])
     raise ValueError(f"weighting {weighting!r} has no fixed weights; expected pooled or importance")
 
 
 def mix_weights(alpha: torch.Tensor, chi: float) -> torch.Tensor:
     """θ-step weights w = (1−χ)/K + χ α: χ=1 is pure GRPO, χ=0 weights the groups equally."""
-    return (1.0 - chi) / alpha.numel() + chi * alpha
+    return (1.0 - chi) / alpha.shape[-1] + chi * alpha
 
 
 def size_adjustment(group_sizes: torch.Tensor, c: float) -> torch.Tensor:
@@ -116,12 +116,13 @@ def size_adjustment(group_sizes: torch.Tensor, c: float) -> torch.Tensor:
 def mirror_ascent_step(
     alpha: torch.Tensor, group_losses: torch.Tensor, eta: float
 ) -> torch.Tensor:
-    """One exponentiated-gradient step on the simplex: α ← α ⊙ exp(η L̂) / Σ (K,).
+    """One exponentiated-gradient step on the simplex: α ← α ⊙ exp(η L̂) / Σ, shapes (..., K).
 
-    Computed in log space so large η·L̂ cannot overflow.
+    Computed in log space so large η·L̂ cannot overflow. ``eta`` may be a float or a tensor that
+    broadcasts against (..., 1) (one step size per batched run).
     """
     logits = alpha.log() + eta * group_losses.to(alpha.dtype)
-    return torch.softmax(logits, dim=0)
+    return torch.softmax(logits, dim=-1)
 
 
 def pair_coefficients(
@@ -137,8 +138,8 @@ def pair_coefficients(
 
 
 def robust_objective(group_losses: torch.Tensor, group_weights: torch.Tensor) -> torch.Tensor:
-    """Σ_g w_g L_g; with w = α this is the GRPO objective, maximised over α ∈ Δ_K."""
-    return (group_weights.to(group_losses.dtype) * group_losses).sum()
+    """Σ_g w_g L_g over the last axis; with w = α this is the GRPO objective (max over α ∈ Δ_K)."""
+    return (group_weights.to(group_losses.dtype) * group_losses).sum(-1)
 
 
 class GroupWeights:

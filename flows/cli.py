@@ -8,8 +8,18 @@ import os
 import sys
 
 # Subcommand modules under flows/commands/, in the order ``--help`` lists them.
-COMMANDS = ("run", "train", "evaluate", "ingest", "validate", "stage", "reproduce",
-            "audit", "promote", "serve")
+COMMANDS = (
+    "run",
+    "train",
+    "evaluate",
+    "ingest",
+    "validate",
+    "stage",
+    "reproduce",
+    "audit",
+    "promote",
+    "serve",
+)
 
 DESCRIPTION = """\
 Group Robust Preference Optimization (GR-DPO / GR-IPO, Ramesh et al. 2024, arXiv 2405.20304):

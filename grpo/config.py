@@ -8,6 +8,7 @@ dataclasses strictly (unknown keys fail, naming the section and the key) and app
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -121,10 +122,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return path, value
 
 
-def apply_overrides(params: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_overrides(
+    params: dict[str, Any], overrides: list[str] | tuple[str, ...]
+) -> dict[str, Any]:
     """Return a copy of ``params`` with ``section.key=value`` overrides applied."""
     import copy
 

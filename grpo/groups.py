@@ -63,9 +63,7 @@ def parse_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}") from None
 
 
-def group_sums(
-    values: torch.Tensor, group_idx: torch.Tensor, num_groups: int
-) -> torch.Tensor:
+def group_sums(values: torch.Tensor, group_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Σ of ``values`` (B,) per group id in ``group_idx`` (B,) → (K,)."""
     out = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
     return out.index_add(0, group_idx, values)
@@ -76,9 +74,7 @@ def group_counts(group_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
     return torch.bincount(group_idx, minlength=num_groups).to(torch.float64)
 
 
-def group_means(
-    values: torch.Tensor, group_idx: torch.Tensor, num_groups: int
-) -> torch.Tensor:
+def group_means(values: torch.Tensor, group_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Mean of ``values`` per group → (K,); NaN for a group with no pairs."""
     counts = group_counts(group_idx, num_groups).to(values.dtype)
     sums = group_sums(values, group_idx, num_groups)
@@ -113,9 +109,7 @@ def size_adjustment(group_sizes: torch.Tensor, c: float) -> torch.Tensor:
     return c / group_sizes.to(torch.float64).sqrt()
 
 
-def mirror_ascent_step(
-    alpha: torch.Tensor, group_losses: torch.Tensor, eta: float
-) -> torch.Tensor:
+def mirror_ascent_step(alpha: torch.Tensor, group_losses: torch.Tensor, eta: float) -> torch.Tensor:
     """One exponentiated-gradient step on the simplex: α ← α ⊙ exp(η L̂) / Σ, shapes (..., K).
 
     Computed in log space so large η·L̂ cannot overflow. ``eta`` may be a float or a tensor that
@@ -189,11 +183,22 @@ class GroupWeights:
         return self.alpha
 
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha.clone(), "eta": self.eta, "chi": self.chi, "size_c": self.size_c}
+        return {
+            "alpha": self.alpha.clone(),
+            "eta": self.eta,
+            "chi": self.chi,
+            "size_c": self.size_c,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         alpha = torch.as_tensor(state["alpha"], dtype=torch.float64)
         if alpha.shape != self.alpha.shape:
-            raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected {tuple(self.alpha.shape)}")
+            raise ValueError(
+                f"alpha has shape {tuple(alpha.shape)}, expected {tuple(self.alpha.shape)}"
+            )
         self.alpha = alpha.clone()
-        self.eta, self.chi, self.size_c = float(state["eta"]), float(state["chi"]), float(state["size_c"])
+        self.eta, self.chi, self.size_c = (
+            float(state["eta"]),
+            float(state["chi"]),
+            float(state["size_c"]),
+        )

@@ -1,0 +1,21 @@
+"""Group preference data: the canonical pair table, its readers, and the sources that build it.
+
+- :mod:`grpo.data.schema`: the canonical columns, ``read_pairs`` / ``write_pairs`` (JSONL, CSV,
+  Parquet), :class:`DataFormatError`.
+- :mod:`grpo.data.generated`: the embedded generated dataset (no network), the default source.
+- :mod:`grpo.data.globalopinionqa`: GlobalOpinionQA as the paper uses it (Hub or distributional JSON).
+- :mod:`grpo.data.splits`: question-level train/validation/test splits.
+"""
+
+from grpo.data.generated import GeneratedConfig, generate
+from grpo.data.schema import COLUMNS, SPLITS, DataFormatError, read_pairs, write_pairs
+
+__all__ = [
+    "COLUMNS",
+    "SPLITS",
+    "DataFormatError",
+    "GeneratedConfig",
+    "generate",
+    "read_pairs",
+    "write_pairs",
+]

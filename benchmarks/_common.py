@@ -1,0 +1,355 @@
+"""Shared pieces of the benchmarks: settings, the GlobalOpinionQA pairs, a tiny model and
+tokenizer saved once so every trainer starts from the same weights, timing and memory helpers.
+
+Nothing here imports TRL: the TRL side lives in :mod:`benchmarks.throughput` and is imported only
+inside the worker that runs it, so our trainers' peak memory never includes TRL's modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+GOQA_DIR_ENV = "GRPO_GOQA_DIR"
+PAPER_COUNTRIES: tuple[str, ...] = (
+    "Nigeria",
+    "Egypt",
+    "India (Current national sample)",
+    "China",
+    "Japan",
+)
+LOG2 = math.log(2.0)
+
+
+def default_goqa_dir() -> Path:
+    """``$GRPO_GOQA_DIR`` or the shared offline subset beside the checkout."""
+    env = os.environ.get(GOQA_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "globalopinionqa"
+
+
+@dataclass
+class BenchSettings:
+    """Everything that must be identical across the trainers of one comparison."""
+
+    # model: GPT-2 built from a config (stack.md's shape: 4 layers x 256 dims, 4k vocabulary)
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    vocab_size: int = 4096
+    # data
+    goqa_dir: str = field(default_factory=lambda: str(default_goqa_dir()))
+    countries: tuple[str, ...] = PAPER_COUNTRIES
+    max_pairs: int = 0  # 0 = all pairs of the countries (every split)
+    max_length: int = 512  # prompt + response tokens; no GlobalOpinionQA pair of ours is longer
+    # training
+    batch_size: int = 8
+    lr: float = 1e-5
+    beta: float = 0.1
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"  # transformers' name; ours builds the same torch.optim.AdamW
+    eta_alpha: float = 0.01
+    # timing
+    warmup_steps: int = 3
+    window_steps: int = 8
+    windows: int = 5
+    threads: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_embd", "n_head", "batch_size", "window_steps", "windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.warmup_steps < 1:
+            raise ValueError("warmup_steps must be >= 1 (the first step is never timed)")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        self.countries = tuple(self.countries)
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.window_steps * self.windows
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["countries"] = list(self.countries)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BenchSettings:
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_goqa_pairs(settings: BenchSettings) -> list[dict[str, str]]:
+    """The paper's GlobalOpinionQA pairs (prompt template, argmax chosen, seeded rejected).
+
+    Uses the data engineer's loader, ``grpo.data.globalopinionqa``, on the shared subset and
+    keeps every split (throughput does not care which split a pair belongs to).
+    Returns dicts with ``prompt``, ``chosen``, ``rejected``, ``group``, ``pair_id``.
+    """
+    path = Path(settings.goqa_dir) / "goqa_subset.json"
+    try:
+        from grpo.data import globalopinionqa as goqa
+
+        cfg = goqa.GlobalOpinionQAConfig(
+            path=str(path), groups=tuple(settings.countries), seed=settings.seed
+        )
+        table, _ = goqa.build(cfg)
+        rows = table.sort_values("pair_id").to_dict("records")
+    except ImportError:  # the project's loader has not landed: same recipe, written here
+        rows = _fallback_goqa_rows(path, settings.countries, settings.seed)
+    if settings.max_pairs:
+        rows = rows[: settings.max_pairs]
+    if not rows:
+        raise ValueError(f"{path}: no pairs for countries {list(settings.countries)}")
+    return [
+        {k: str(r[k]) for k in ("pair_id", "group", "prompt", "chosen", "rejected")} for r in rows
+    ]
+
+
+def _fallback_goqa_rows(path: Path, countries: tuple[str, ...], seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for r in json.loads(path.read_text(encoding="utf-8")):
+        if r["attribute"] not in countries:
+            continue
+        question = r["question"].split("Question: ", 1)[-1].split("\nOptions:", 1)[0].strip()
+        letters = [chr(ord("A") + i) for i in range(len(r["options"]))]
+        options = "\n".join(f"{a}. {o}" for a, o in zip(letters, r["options"], strict=True))
+        dist = r["gold_distribution"]
+        best = max(range(len(dist)), key=dist.__getitem__)
+        other = rng.choice([i for i in range(len(dist)) if i != best])
+        rows.append(
+            {
+                "pair_id": f"{r['id']}-{r['attribute']}",
+                "group": r["attribute"],
+                "prompt": f"Opinion of people in {r['attribute']} on: {question}\n"
+                f"Please select the best response:\n{options}\nAnswer:",
+                "chosen": f" {letters[best]}",
+                "rejected": f" {letters[other]}",
+            }
+        )
+    return sorted(rows, key=lambda x: x["pair_id"])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained on ``texts`` (offline, ~0.1 s), as a transformers fast tokenizer.
+
+    ``<|endoftext|>`` is both EOS and padding, as in GPT-2.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def gpt2_config(settings: BenchSettings, vocab_size: int, n_positions: int):
+    """GPT-2 with every dropout off, so policy = reference at step 0 gives a loss of exactly log 2."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=settings.n_embd,
+        n_layer=settings.n_layer,
+        n_head=settings.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, Any]:
+    """Write pairs.jsonl, tokenizer/ and model/ (initial weights) under ``workdir``; return facts.
+
+    Every trainer loads the same folder, so all start from bit-identical weights and tokens.
+    Responses already end with EOS, so TRL (which appends EOS when missing) and our trainers score
+    exactly the same response tokens.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pairs = load_goqa_pairs(settings)
+    texts = [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs]
+    tokenizer = build_tokenizer(texts, settings.vocab_size)
+    eos = tokenizer.eos_token
+    for p in pairs:
+        p["chosen"] = p["chosen"] if p["chosen"].endswith(eos) else p["chosen"] + eos
+        p["rejected"] = p["rejected"] if p["rejected"].endswith(eos) else p["rejected"] + eos
+    lengths = [
+        len(tokenizer(p["prompt"] + max(p["chosen"], p["rejected"], key=len))["input_ids"])
+        for p in pairs
+    ]
+    if max(lengths) > settings.max_length:
+        raise ValueError(
+            f"the longest pair has {max(lengths)} tokens > max_length {settings.max_length}; "
+            "raise --max-length so no trainer truncates"
+        )
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_config(
+        gpt2_config(settings, len(tokenizer), max(settings.max_length, 64))
+    )
+    model.save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
+    _write_jsonl(workdir / "pairs.jsonl", pairs)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "pairs": len(pairs),
+        "groups": sorted({p["group"] for p in pairs}),
+        "tokens_per_pair_median": statistics.median(lengths),
+        "tokens_per_pair_max": max(lengths),
+        "vocab_size": len(tokenizer),
+        "parameters": n_params,
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON to a temp file, then rename (nothing half-written on failure)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+
+def set_threads(n: int) -> None:
+    """Same intra-op thread count for every trainer (and one inter-op thread)."""
+    import torch
+
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # already set once in this process
+        torch.set_num_interop_threads(1)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class StepClock:
+    """Wall-clock stamps at the end of each optimizer step (``perf_counter``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def window_rates(
+    stamps: list[float], start: float, warmup: int, window: int, pairs_per_step: int
+) -> list[float]:
+    """Pairs/s of each full window of ``window`` steps after the first ``warmup`` steps.
+
+    ``stamps[i]`` is the end of step i; window j spans steps warmup + j·window … + window − 1,
+    i.e. from the end of step warmup + j·window − 1 to the end of its last step.
+    """
+    ends = [start, *stamps]  # ends[i] = end of step i-1 (ends[0] = start)
+    rates = []
+    j = 0
+    while True:
+        a = warmup + j * window
+        b = a + window
+        if b > len(stamps):
+            break
+        elapsed = ends[b] - ends[a]
+        rates.append(window * pairs_per_step / elapsed)
+        j += 1
+    return rates
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, torch version: what a reader needs to compare numbers."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import psutil
+
+        mem_gb = psutil.virtual_memory().total / 2**30
+        load = os.getloadavg()
+    except (ImportError, OSError):
+        mem_gb, load = float("nan"), (float("nan"),) * 3
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gb, 1),
+        "loadavg_1m_at_start": round(load[0], 2),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

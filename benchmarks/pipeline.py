@@ -1,0 +1,307 @@
+"""Wall time of ``grpo run`` on the embedded defaults, split by stage, and the time spent outside
+training (process start and imports, Prefect's local server, tracking, validation, DVC).
+
+The run happens in a throw-away copy of the repository (tracked and untracked-but-not-ignored
+files, committed into a fresh git repository so DVC and the git revision work there) with its own
+``PREFECT_HOME`` and MLflow store, so the checkout's ``mlruns/`` and ``.prefect/`` are untouched.
+
+Stage times come from Prefect's own task-run records (start and end of every task of the flow
+run, read from the run's SQLite database after it finished); the outside-training time is the
+wall time minus the time of the training task(s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import machine_info, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_OVERHEAD_S = 20.0
+
+EPILOG = """examples:
+  python -m benchmarks.pipeline                     # one run of `grpo run` (a few minutes)
+  python -m benchmarks.pipeline --json outputs/bench/pipeline.json
+  python -m benchmarks.pipeline --repeats 2 --set train.steps=20
+  python -m benchmarks.pipeline --keep /tmp/pipeline-copy   # keep the copy to look at it
+"""
+
+
+def copy_repo(src: Path, dst: Path) -> None:
+    """Copy the files git would see (tracked + untracked, not ignored) and commit them in ``dst``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=src,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for raw in listed:
+        if not raw:
+            continue
+        rel = raw.decode()
+        s = src / rel
+        if not s.is_file():  # deleted in the work tree, or a submodule
+            continue
+        d = dst / rel
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(s, d)
+    env = _git_env()
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "--all"],  # a fresh repository in a temp folder, not the checkout
+        ["git", "commit", "-q", "-m", "benchmark snapshot"],
+    ):
+        subprocess.run(cmd, cwd=dst, check=True, env=env, capture_output=True)
+
+
+def _git_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        GIT_AUTHOR_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@localhost",
+        GIT_COMMITTER_NAME="bench",
+        GIT_COMMITTER_EMAIL="bench@localhost",
+    )
+    return env
+
+
+def run_env(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in list(env):
+        if key.startswith(("MLFLOW_", "PREFECT_API")):
+            env.pop(key)
+    env.update(
+        PREFECT_HOME=str(copy / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        MLFLOW_TRACKING_URI=f"sqlite:///{copy}/mlruns/mlflow.db",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+        DVC_NO_ANALYTICS="1",
+        GX_ANALYTICS_ENABLED="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _ts(value: Any) -> float | None:
+    """A Prefect timestamp (ISO text in SQLite) → POSIX seconds."""
+    if value is None:
+        return None
+    text = str(value).replace("Z", "+00:00")
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:  # Prefect stores UTC
+        from datetime import timezone
+
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def prefect_timings(prefect_home: Path) -> dict[str, Any]:
+    """Flow run and task runs (name, start, end, seconds) from the run's Prefect database."""
+    db = prefect_home / "prefect.db"
+    if not db.exists():
+        return {"error": f"{db}: no Prefect database (did the flow run?)"}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        flows = con.execute(
+            "SELECT id, name, start_time, end_time, state_type FROM flow_run "
+            "WHERE start_time IS NOT NULL ORDER BY start_time"
+        ).fetchall()
+        tasks = con.execute(
+            "SELECT flow_run_id, name, task_key, start_time, end_time, state_type FROM task_run "
+            "WHERE start_time IS NOT NULL ORDER BY start_time"
+        ).fetchall()
+    finally:
+        con.close()
+    flow_runs = [
+        {"name": n, "start": _ts(s), "end": _ts(e), "state": st} for _, n, s, e, st in flows
+    ]
+    task_runs = []
+    for _fid, name, key, s, e, st in tasks:
+        start, end = _ts(s), _ts(e)
+        task_runs.append(
+            {
+                "name": name,
+                "task": (key or name).split(".")[-1].split("-")[0] if key else name,
+                "start": start,
+                "end": end,
+                "seconds": (end - start) if start and end else None,
+                "state": st,
+            }
+        )
+    return {"flow_runs": flow_runs, "task_runs": task_runs}
+
+
+def is_training(task_name: str, training_names: tuple[str, ...]) -> bool:
+    name = task_name.lower()
+    return any(t in name for t in training_names)
+
+
+def analyse(
+    wall_s: float,
+    launch: float,
+    exit_t: float,
+    timings: dict[str, Any],
+    training_names: tuple[str, ...],
+) -> dict[str, Any]:
+    """Per-stage seconds and the outside-training share of one run."""
+    stages: list[dict[str, Any]] = []
+    training_s = 0.0
+    for t in timings.get("task_runs", []):
+        if t["seconds"] is None:
+            continue
+        train = is_training(t["name"], training_names)
+        stages.append(
+            {
+                "stage": t["name"],
+                "seconds": round(t["seconds"], 3),
+                "training": train,
+                "state": t["state"],
+            }
+        )
+        if train:
+            training_s += t["seconds"]
+    flows = timings.get("flow_runs", [])
+    out: dict[str, Any] = {"wall_s": wall_s, "stages": stages}
+    if flows and flows[0]["start"] and flows[-1]["end"]:
+        first, last = flows[0]["start"], flows[-1]["end"]
+        tasks_s = sum(s["seconds"] for s in stages)
+        out["before_flow_s"] = first - launch  # interpreter, imports, Prefect's local server
+        out["flow_s"] = last - first
+        out["after_flow_s"] = exit_t - last  # summary, shutting the server down
+        out["flow_outside_tasks_s"] = out["flow_s"] - tasks_s  # orchestration between tasks
+    out["training_s"] = training_s
+    out["outside_training_s"] = wall_s - training_s
+    out["outside_training_share"] = (wall_s - training_s) / wall_s if wall_s else float("nan")
+    out["target_outside_training_le_20s"] = out["outside_training_s"] <= TARGET_OVERHEAD_S
+    return out
+
+
+def run_once(
+    overrides: list[str], keep: Path | None, timeout: float, training_names: tuple[str, ...]
+) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    copy = keep or tmp / "repo"
+    if copy.exists():
+        shutil.rmtree(copy)
+    copy.mkdir(parents=True)
+    try:
+        copy_repo(REPO, copy)
+        summary_path = tmp / "summary.json"
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--json", str(summary_path)]
+        for o in overrides:
+            cmd += ["--set", o]
+        launch = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            cmd, cwd=copy, env=run_env(copy), capture_output=True, text=True, timeout=timeout
+        )
+        wall_s = time.perf_counter() - t0
+        exit_t = time.time()
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"`grpo run` failed (exit {proc.returncode}) in {copy}:\n"
+                f"{(proc.stderr or proc.stdout)[-4000:]}"
+            )
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        timings = prefect_timings(copy / ".prefect")
+        result = analyse(wall_s, launch, exit_t, timings, training_names)
+        result["command"] = " ".join(["grpo", "run", *[f"--set {o}" for o in overrides]])
+        result["summary_keys"] = sorted(summary)
+        if isinstance(summary.get("timings"), dict):
+            result["summary_timings"] = summary["timings"]
+        return result
+    finally:
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = ["| stage | seconds | training? |", "|---|---|---|"]
+    if "before_flow_s" in result:
+        lines.append(f"| start-up (imports, Prefect server) | {result['before_flow_s']:.1f} | no |")
+    for s in result["stages"]:
+        lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['training'] else 'no'} |")
+    if "flow_outside_tasks_s" in result:
+        lines.append(
+            f"| between tasks (orchestration) | {result['flow_outside_tasks_s']:.1f} | no |"
+        )
+        lines.append(f"| after the flow (exit) | {result['after_flow_s']:.1f} | no |")
+    lines.append(f"| **wall time** | **{result['wall_s']:.1f}** | |")
+    lines.append("")
+    lines.append(
+        f"outside training: {result['outside_training_s']:.1f} s "
+        f"({100 * result['outside_training_share']:.0f}% of the wall time); "
+        f"target ≤ {TARGET_OVERHEAD_S:.0f} s: "
+        f"{'met' if result['target_outside_training_le_20s'] else 'MISSED'}"
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.pipeline",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    p.add_argument("--json", type=Path, help="write the result as JSON here")
+    p.add_argument("--repeats", type=int, default=1, help="runs (the median is reported)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--training-tasks", default="train", help="task-name substrings that train")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    p.add_argument("--keep", type=Path, help="run in this folder and keep it")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    training_names = tuple(t.strip().lower() for t in args.training_tasks.split(",") if t.strip())
+    runs = []
+    for i in range(args.repeats):
+        res = run_once(args.overrides, args.keep, args.timeout, training_names)
+        print(
+            f"[{i + 1}/{args.repeats}] wall {res['wall_s']:.1f} s, "
+            f"outside training {res['outside_training_s']:.1f} s",
+            file=sys.stderr,
+        )
+        runs.append(res)
+    runs.sort(key=lambda r: r["wall_s"])
+    best = runs[len(runs) // 2]
+    out = {"machine": machine_info(), "median_run": best, "runs": runs}
+    out.update(
+        wall_s=best["wall_s"],
+        training_s=best["training_s"],
+        outside_training_s=best["outside_training_s"],
+        outside_training_share=best["outside_training_share"],
+        target_outside_training_s=TARGET_OVERHEAD_S,
+    )
+    print(format_table(best))
+    if args.json:
+        write_json(args.json, out)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Training throughput and peak memory: TRL's DPOTrainer vs our DPO and GR-DPO, side by side.
+
+Same model (a GPT-2 built from a config, saved once so every trainer loads the same initial
+weights), same GlobalOpinionQA pairs (the paper's five countries and prompt), same batch size,
+sequence lengths, optimizer (AdamW), learning rate, gradient clipping and precision (fp32 on CPU,
+bf16 autocast on CUDA for ours; TRL's bf16 and gradient checkpointing are turned off on CPU).
+Reference log-probs are precomputed once by every trainer and that pass is not timed.
+
+Each run is its own subprocess, so peak RSS is not shared, and runs alternate
+TRL → DPO → GR-DPO, repeated; throughput is the median over timed windows of all repeats.
+The first training step's loss is checked against log 2 (policy = reference at step 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import (
+    LOG2,
+    BenchSettings,
+    StepClock,
+    machine_info,
+    median,
+    peak_rss_mb,
+    prepare_workdir,
+    read_jsonl,
+    set_threads,
+    window_rates,
+    write_json,
+)
+
+TRAINERS = ("trl", "dpo", "grdpo")
+LABELS = {"trl": "TRL DPOTrainer", "dpo": "ours, DPO", "grdpo": "ours, GR-DPO"}
+LOSS_TOL = 1e-4
+
+EPILOG = """examples:
+  python -m benchmarks.throughput                               # the full comparison (~5 min)
+  python -m benchmarks.throughput --json outputs/bench/throughput.json
+  python -m benchmarks.throughput --steps 16 --windows 2 --repeats 1 --trainers dpo,grdpo
+  python -m benchmarks.throughput --layers 2 --dim 64 --vocab 512 --max-pairs 64 --steps 4 \\
+      --windows 2 --repeats 1                                   # a smoke run (~30 s)
+"""
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def run_trl(workdir: Path, s: BenchSettings) -> dict[str, Any]:
+    """Train with TRL's DPOTrainer (sigmoid loss, precomputed reference log-probs)."""
+    set_threads(s.threads)
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rss_after_import = peak_rss_mb()
+    torch.manual_seed(s.seed)
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    pairs = read_jsonl(workdir / "pairs.jsonl")
+    dataset = Dataset.from_list(
+        [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+    )
+    clock = StepClock()
+    first_loss: list[float] = []
+
+    class _Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+    class _FirstLoss(DPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not first_loss:  # one .item() on the first call only
+                first_loss.append(float((out[0] if return_outputs else out).detach()))
+            return out
+
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
+        args = DPOConfig(
+            output_dir=out_dir,
+            per_device_train_batch_size=s.batch_size,
+            gradient_accumulation_steps=1,
+            learning_rate=s.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            optim=s.optim,
+            max_grad_norm=s.max_grad_norm,
+            beta=s.beta,
+            loss_type=["sigmoid"],
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=s.batch_size,
+            max_length=s.max_length,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            use_cpu=not torch.cuda.is_available(),
+            max_steps=s.total_steps,
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=s.seed,
+            data_seed=s.seed,
+        )
+        t0 = time.perf_counter()
+        trainer = _FirstLoss(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[_Clock()],
+        )
+        setup_s = time.perf_counter() - t0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        clock.start = time.perf_counter()
+        trainer.train()
+    return _result(
+        clock, s, first_loss[0] if first_loss else float("nan"), setup_s, rss_after_import
+    )
+
+
+def run_ours(workdir: Path, s: BenchSettings, method: str) -> dict[str, Any]:
+    """Train with our trainer (``method`` = "dpo" or "gr-dpo"), reference log-probs precomputed."""
+    set_threads(s.threads)
+    import torch
+
+    from benchmarks import _ours
+
+    rss_after_import = peak_rss_mb()
+    clock = StepClock()
+    t0 = time.perf_counter()
+    session = _ours.open_session(workdir, s, method)
+    setup_s = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    first_loss = float("nan")
+    clock.start = time.perf_counter()
+    for i in range(s.total_steps):
+        loss = session.step()
+        if i == 0:
+            first_loss = float(loss)
+        clock.tick()
+    return _result(clock, s, first_loss, setup_s, rss_after_import)
+
+
+def _result(
+    clock: StepClock, s: BenchSettings, first_loss: float, setup_s: float, rss0: float
+) -> dict[str, Any]:
+    import torch
+
+    rates = window_rates(clock.stamps, clock.start, s.warmup_steps, s.window_steps, s.batch_size)
+    out = {
+        "steps": len(clock.stamps),
+        "window_pairs_per_s": rates,
+        "pairs_per_s": median(rates),
+        "first_step_loss": first_loss,
+        "setup_s": setup_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_imports_mb": rss0,
+    }
+    if torch.cuda.is_available():
+        out["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def worker_main(name: str, workdir: Path, out: Path) -> int:
+    settings = BenchSettings.from_json(json.loads((workdir / "settings.json").read_text()))
+    if name == "trl":
+        result = run_trl(workdir, settings)
+    elif name in ("dpo", "grdpo"):
+        result = run_ours(workdir, settings, "dpo" if name == "dpo" else "gr-dpo")
+    else:
+        raise ValueError(f"unknown trainer {name!r}; expected one of {TRAINERS}")
+    write_json(out, result)
+    return 0
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def spawn(name: str, workdir: Path, threads: int, timeout: float) -> dict[str, Any]:
+    """Run one trainer in a fresh interpreter; its peak RSS is its own."""
+    out = workdir / f"result-{name}-{time.monotonic_ns()}.json"
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TQDM_DISABLE="1",
+        HF_DATASETS_CACHE=str(workdir / "hf-cache"),
+        PYTHONWARNINGS="ignore",
+    )
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--worker", name]
+    cmd += ["--workdir", str(workdir), "--worker-out", str(out)]
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout)[-3000:]
+        raise RuntimeError(f"benchmark worker {name!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def summarise(
+    runs: dict[str, list[dict[str, Any]]], s: BenchSettings, facts: dict[str, Any]
+) -> dict[str, Any]:
+    """Medians over every timed window of every repeat, ratios, and the log 2 check."""
+    import torch
+
+    summary: dict[str, Any] = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "machine": machine_info(),
+        "settings": s.to_json(),
+        "data": facts,
+        "runs": runs,
+    }
+    for name, rs in runs.items():
+        windows = [r for run in rs for r in run["window_pairs_per_s"]]
+        summary[f"{name}_pairs_per_s"] = median(windows)
+        summary[f"{name}_peak_mb"] = median([run["peak_rss_mb"] for run in rs])
+        summary[f"{name}_rss_after_imports_mb"] = median(
+            [run["rss_after_imports_mb"] for run in rs]
+        )
+        summary[f"{name}_first_step_loss"] = rs[0]["first_step_loss"]
+        summary[f"{name}_setup_s"] = median([run["setup_s"] for run in rs])
+        if "peak_cuda_allocated_mb" in rs[0]:
+            summary[f"{name}_peak_cuda_mb"] = median([r["peak_cuda_allocated_mb"] for r in rs])
+    losses = {n: summary[f"{n}_first_step_loss"] for n in runs}
+    summary["first_step_losses_agree"] = all(
+        math.isfinite(v) and abs(v - LOG2) < LOSS_TOL for v in losses.values()
+    )
+    ratios = {}
+    if "trl" in runs and "grdpo" in runs:
+        ratios["grdpo_over_trl_speed"] = summary["grdpo_pairs_per_s"] / summary["trl_pairs_per_s"]
+        ratios["grdpo_over_trl_peak_mb"] = summary["grdpo_peak_mb"] / summary["trl_peak_mb"]
+    if "trl" in runs and "dpo" in runs:
+        ratios["dpo_over_trl_speed"] = summary["dpo_pairs_per_s"] / summary["trl_pairs_per_s"]
+        ratios["dpo_over_trl_peak_mb"] = summary["dpo_peak_mb"] / summary["trl_peak_mb"]
+    if "dpo" in runs and "grdpo" in runs:
+        # time per pair of GR-DPO relative to DPO: > 1 means GR-DPO is slower
+        ratios["grdpo_over_dpo_time_per_pair"] = (
+            summary["dpo_pairs_per_s"] / summary["grdpo_pairs_per_s"]
+        )
+        # the same ratio, paired: each repeat's two runs were adjacent in time
+        paired = [
+            median(d["window_pairs_per_s"]) / median(g["window_pairs_per_s"])
+            for d, g in zip(runs["dpo"], runs["grdpo"], strict=False)
+        ]
+        ratios["grdpo_over_dpo_time_per_pair_paired_median"] = median(paired)
+    summary["ratios"] = ratios
+    summary["targets"] = _targets(ratios)
+    return summary
+
+
+def _targets(r: dict[str, float]) -> dict[str, Any]:
+    out = {}
+    if "grdpo_over_trl_speed" in r:
+        out["grdpo_speed_ge_2x_trl"] = r["grdpo_over_trl_speed"] >= 2.0
+        out["grdpo_peak_le_0.8x_trl"] = r["grdpo_over_trl_peak_mb"] <= 0.8
+    if "grdpo_over_dpo_time_per_pair" in r:
+        out["grdpo_time_per_pair_le_1.03x_dpo"] = r["grdpo_over_dpo_time_per_pair"] <= 1.03
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    names = [n for n in TRAINERS if f"{n}_pairs_per_s" in summary]
+    base = "trl" if "trl" in names else None
+    lines = [
+        "| trainer | pairs/s | × TRL | peak RSS (MB) | × TRL | first-step loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        sp, mb = summary[f"{n}_pairs_per_s"], summary[f"{n}_peak_mb"]
+        xs = f"{sp / summary['trl_pairs_per_s']:.2f}" if base else "-"
+        xm = f"{mb / summary['trl_peak_mb']:.2f}" if base else "-"
+        loss = summary[f"{n}_first_step_loss"]
+        lines.append(f"| {LABELS[n]} | {sp:.1f} | {xs} | {mb:.0f} | {xm} | {loss:.6f} |")
+    r = summary["ratios"]
+    if "grdpo_over_dpo_time_per_pair" in r:
+        lines.append("")
+        lines.append(
+            "GR-DPO time per pair / DPO: "
+            f"{r['grdpo_over_dpo_time_per_pair']:.3f} (pooled windows), "
+            f"{r['grdpo_over_dpo_time_per_pair_paired_median']:.3f} (median of adjacent pairs)"
+        )
+    lines.append(
+        f"first-step losses = log 2 = {LOG2:.6f} (±{LOSS_TOL:g}): "
+        f"{'yes' if summary['first_step_losses_agree'] else 'NO'}"
+    )
+    return "\n".join(lines)
+
+
+def benchmark(
+    settings: BenchSettings,
+    trainers: tuple[str, ...] = TRAINERS,
+    repeats: int = 3,
+    workdir: str | Path | None = None,
+    timeout: float = 900.0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare the shared model/data, run the trainers alternating, return the summary dict."""
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        wd = Path(workdir) if workdir else Path(tmp)
+        facts = prepare_workdir(settings, wd)
+        write_json(wd / "settings.json", settings.to_json())
+        runs: dict[str, list[dict[str, Any]]] = {n: [] for n in trainers}
+        for rep in range(repeats):
+            # rotate the order so no trainer always runs first (or right after another one)
+            order = trainers[rep % len(trainers) :] + trainers[: rep % len(trainers)]
+            for name in order:
+                t0 = time.perf_counter()
+                res = spawn(name, wd, settings.threads, timeout)
+                runs[name].append(res)
+                if progress:
+                    print(
+                        f"[{rep + 1}/{repeats}] {LABELS[name]:<15} {res['pairs_per_s']:7.2f} pairs/s"
+                        f"  peak {res['peak_rss_mb']:6.0f} MB  first loss {res['first_step_loss']:.6f}"
+                        f"  ({time.perf_counter() - t0:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        return summarise(runs, settings, facts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.throughput",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    d = BenchSettings()
+    p.add_argument("--json", type=Path, help="write the summary as JSON here")
+    p.add_argument("--trainers", default=",".join(TRAINERS), help="comma list of trl,dpo,grdpo")
+    p.add_argument("--repeats", type=int, default=3, help="runs per trainer, alternating")
+    p.add_argument(
+        "--steps", type=int, default=d.window_steps * d.windows, help="timed steps per run"
+    )
+    p.add_argument("--windows", type=int, default=d.windows, help="timed windows per run")
+    p.add_argument("--warmup", type=int, default=d.warmup_steps, help="untimed steps first")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads, every trainer")
+    p.add_argument("--layers", type=int, default=d.n_layer)
+    p.add_argument("--dim", type=int, default=d.n_embd)
+    p.add_argument("--heads", type=int, default=d.n_head)
+    p.add_argument("--vocab", type=int, default=d.vocab_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--max-pairs", type=int, default=0, help="0 = every pair of the 5 countries")
+    p.add_argument("--goqa-dir", default=d.goqa_dir)
+    p.add_argument("--optim", default=d.optim, help="AdamW implementation, both sides")
+    p.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.workdir, args.worker_out)
+    trainers = tuple(t.strip() for t in args.trainers.split(",") if t.strip())
+    bad = sorted(set(trainers) - set(TRAINERS))
+    if bad or not trainers:
+        print(f"error: --trainers: unknown {bad}; expected some of {TRAINERS}", file=sys.stderr)
+        return 2
+    if args.steps % args.windows:
+        print(f"error: --steps {args.steps} is not a multiple of --windows {args.windows}")
+        return 2
+    try:
+        settings = BenchSettings(
+            n_layer=args.layers,
+            n_embd=args.dim,
+            n_head=args.heads,
+            vocab_size=args.vocab,
+            goqa_dir=args.goqa_dir,
+            max_pairs=args.max_pairs,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            warmup_steps=args.warmup,
+            window_steps=args.steps // args.windows,
+            windows=args.windows,
+            threads=args.threads,
+            optim=args.optim,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = benchmark(settings, trainers, repeats=args.repeats)
+    print(format_table(summary))
+    if args.json:
+        write_json(args.json, summary)
+        print(f"wrote {args.json}")
+    return 0 if summary["first_step_losses_agree"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

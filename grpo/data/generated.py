@@ -35,10 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from grpo.data.prompts import LETTERS, format_prompt
 from grpo.data.schema import COLUMNS, SPLITS
-
-PROMPT_TEMPLATE = "Opinion of people in {group} on: {question}\nPlease select the best response:"
-LETTERS = "ABCDEFGHIJ"
+from grpo.data.splits import allocate, check_fractions
 
 TOPICS: tuple[str, ...] = (
     "bus lines", "wind farms", "fishing quotas", "night markets", "public libraries",
@@ -86,7 +85,6 @@ class GeneratedConfig:
     def __post_init__(self) -> None:
         self.groups = tuple(str(g) for g in self.groups)
         self.shares = tuple(float(s) for s in self.shares)
-        self.splits = tuple(float(s) for s in self.splits)
         if len(self.groups) < 2:
             raise ValueError(f"groups: need at least 2 groups, got {list(self.groups)}")
         if len(set(self.groups)) != len(self.groups) or any(not g.strip() for g in self.groups):
@@ -100,14 +98,7 @@ class GeneratedConfig:
             )
         if any(s <= 0 for s in self.shares) or abs(sum(self.shares) - 1.0) > 1e-6:
             raise ValueError(f"shares: must be positive and sum to 1, got {list(self.shares)}")
-        if (
-            len(self.splits) != 3
-            or any(s <= 0 for s in self.splits)
-            or abs(sum(self.splits) - 1) > 1e-6
-        ):
-            raise ValueError(
-                f"splits: three positive fractions (train, validation, test) summing to 1, got {list(self.splits)}"
-            )
+        self.splits = check_fractions(self.splits)
         if self.n_options not in OPTION_LABELS:
             raise ValueError(
                 f"n_options: must be one of {sorted(OPTION_LABELS)}, got {self.n_options}"
@@ -131,20 +122,6 @@ class GeneratedConfig:
         return small or (self.groups[-1],)
 
 
-def allocate(total: int, fractions: tuple[float, ...] | list[float]) -> list[int]:
-    """Split ``total`` into integer parts ∝ ``fractions`` summing exactly to ``total``.
-
-    Largest remainder: floor each share, then give the leftover units to the largest
-    remainders (ties to the earlier entry). ``allocate(10, (0.45, 0.45, 0.1)) == [5, 4, 1]``.
-    """
-    raw = [total * f for f in fractions]
-    parts = [int(np.floor(r)) for r in raw]
-    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - parts[i]), i))
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
-
-
 def question_bank() -> pd.DataFrame:
     """Every (topic, framing, context) question: columns question_id, topic, polarity, question."""
     rows = []
@@ -161,14 +138,6 @@ def question_bank() -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(rows)
-
-
-def format_prompt(group: str, question: str, options: tuple[str, ...] | list[str]) -> str:
-    """The paper's prompt: group, question, lettered options, then ``Answer:``."""
-    lines = [PROMPT_TEMPLATE.format(group=group, question=question)]
-    lines += [f"{LETTERS[i]}. {text}" for i, text in enumerate(options)]
-    lines.append("Answer:")
-    return "\n".join(lines)
 
 
 def group_views(cfg: GeneratedConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -1,0 +1,117 @@
+"""``grpo validate``: the Great Expectations suite on a pair table; exit 0 only when it passes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Validate a preference-pair table (JSONL, CSV or Parquet with the canonical columns pair_id,
+question_id, group, prompt, chosen, rejected, split) with Great Expectations:
+
+  - every column present and never null; pair_id unique
+  - group in the configured set (--groups); split in train/validation/test
+  - prompt, chosen, rejected non-blank and within length bounds; chosen != rejected
+  - no duplicate pairs (same group, prompt, chosen, rejected)
+  - every group has at least validate.min_pairs_per_split pairs in every split
+  - no question_id in two splits
+  - distributional sources (pairs.source.parquet beside pairs.parquet, or --source): shares in
+    [0, 1], summing to 1 within validate.share_tolerance, as many shares as options
+
+Exit 0 when every expectation passes; otherwise exit 1 and a report naming each failed
+expectation, the column, the number of failing rows and example rows (0-based, file order).
+A file that cannot be read (bad JSON, not UTF-8, missing columns, empty) exits 1 with the file,
+line and field. Every run writes reports/validation/report.json and HTML Data Docs
+(reports/validation/data_docs/index.html; validate.report_dir moves them).
+"""
+
+EPILOG = """\
+examples:
+  grpo validate data/pairs.parquet --groups Northland,Southland,Island
+  grpo validate my_pairs.jsonl --groups a,b,c --set validate.min_pairs_per_split=10
+  grpo validate data/pairs.parquet --params params.yaml     # groups from params.yaml's data source
+  grpo validate my_pairs.csv                                # groups = those found in the file
+  xdg-open reports/validation/data_docs/index.html          # the HTML Data Docs
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a pair table with Great Expectations (exit 1 on failure)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("file", help="the pair table (.jsonl, .json, .csv, .parquet)")
+    parser.add_argument(
+        "--groups",
+        help="comma-separated expected groups (default: params.yaml's data source with --params, "
+        "else the groups found in the file)",
+    )
+    parser.add_argument(
+        "--params",
+        default=None,
+        help="params file for the validate: section (and the groups of the data: source)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a params value (repeatable), e.g. validate.min_pairs_per_split=10",
+    )
+    parser.add_argument("--source", help="distributional source table to check too (.parquet)")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write a stable summary as JSON (dvc.yaml's stage output)",
+    )
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from grpo.config import ConfigError, apply_overrides, from_dict, load_yaml
+    from grpo.data.sources import data_config
+
+    try:
+        params = load_yaml(args.params) if args.params else {}
+        params = apply_overrides(params, args.overrides)
+        from tasks.validate import DataValidationError, ValidateConfig, format_report, validate
+
+        cfg = from_dict(ValidateConfig, params.get("validate"), where="params.yaml:validate")
+        groups = None
+        if args.groups:
+            groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+        elif args.params:
+            groups = data_config(params).expected_groups()
+        if groups is None:
+            print("grpo validate: no --groups: checking against the groups found in the file")
+    except (ConfigError, ValueError) as exc:
+        print(f"grpo validate: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = validate(args.file, cfg, groups, source_path=args.source)
+        code = 0
+        print(format_report(result))
+    except DataValidationError as exc:
+        result = exc.result
+        code = 1
+        print(format_report(result), file=sys.stderr)
+    if args.json:
+        summary = {
+            "success": result["success"],
+            "rows": result["rows"],
+            "groups": result["groups"],
+            "expectations": result["expectations"],
+            "failed": [
+                f"{f['table']}:{f['expectation']}:{f['column']}" for f in result["failures"]
+            ],
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return code

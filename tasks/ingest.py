@@ -140,7 +140,7 @@ def dvc_track(out_dir: Path, *, push: bool = True) -> dict[str, Any]:
         ) from None
     dvc_file = out_dir.with_name(out_dir.name + ".dvc")
     previous = dvc_md5(dvc_file)
-    target = os.path.relpath(out_dir, dvc_root)
+    target = str(out_dir)  # absolute: DVC would resolve a relative one against the cwd
     try:
         with Repo(str(dvc_root)) as repo:
             repo.add([target])
@@ -151,7 +151,7 @@ def dvc_track(out_dir: Path, *, push: bool = True) -> dict[str, Any]:
                         "no default DVC remote; add one (`dvc remote add -d NAME URL`) "
                         "or set data.push=false"
                     )
-                repo.push(targets=[os.path.relpath(dvc_file, dvc_root)])
+                repo.push(targets=[str(dvc_file)])
                 pushed = True
     except DvcException as exc:
         raise DvcError(f"DVC failed on {target}: {exc}") from None

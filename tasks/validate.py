@@ -264,7 +264,6 @@ def run_suites(
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    actions = []
     if docs_dir is not None:
         docs_dir.mkdir(parents=True, exist_ok=True)
         context.add_data_docs_site(
@@ -278,7 +277,6 @@ def run_suites(
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             },
         )
-        actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["grpo"])]
     source = context.data_sources.add_pandas("grpo")
     outcomes = []
     for name, frame in tables.items():
@@ -293,7 +291,7 @@ def run_suites(
             gx.Checkpoint(
                 name=f"check_{name}",
                 validation_definitions=[definition],
-                actions=actions,
+                actions=[],  # Data Docs are built once below, for all tables
                 result_format={
                     "result_format": "SUMMARY",
                     "partial_unexpected_count": cfg.examples,
@@ -303,6 +301,8 @@ def run_suites(
         run = checkpoint.run(batch_parameters={"dataframe": frame.reset_index(drop=True)})
         for validation in run.run_results.values():
             outcomes += [_outcome(name, r, frame, cfg.examples) for r in validation.results]
+    if docs_dir is not None:
+        context.build_data_docs(site_names=["grpo"])
     return outcomes
 
 

@@ -1,0 +1,246 @@
+"""GlobalOpinionQA: both input formats, pair construction by hand, splits, bad input, real subset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from grpo.data.globalopinionqa import (
+    PAPER_COUNTRIES,
+    GlobalOpinionQAConfig,
+    bare_question,
+    build,
+    choose_pair,
+    load_hub,
+    pairs_from_source,
+    read_distributional,
+)
+from grpo.data.schema import COLUMNS, DataFormatError
+from grpo.data.splits import split_by_question
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data/globalopinionqa"
+
+
+def distributional_item(qid, country, question, options, shares):
+    letters = " ".join(f"{'ABCDE'[i]}. {o}" for i, o in enumerate(options))
+    return {
+        "question": f"Question: {question}\nOptions: {letters}\nAnswer:",
+        "options": options,
+        "attribute": country,
+        "gold_distribution": shares,
+        "pred_distribution": None,
+        "id": qid,
+    }
+
+
+def write_distributional(path: Path, items) -> Path:
+    path.write_text(json.dumps(items, indent=1), encoding="utf-8")
+    return path
+
+
+def test_bare_question_strips_the_distributional_framing():
+    text = "Question: Is it good?\nOptions: A. Yes B. No\nAnswer:"
+    assert bare_question(text) == "Is it good?"
+    assert bare_question("  Just a question  ") == "Just a question"
+
+
+def test_pairs_from_a_hand_made_distributional_file(tmp_path):
+    path = write_distributional(
+        tmp_path / "d.json",
+        [
+            distributional_item(
+                7, "Japan", "Is tea good?", ["Yes", "No", "Unsure"], [0.2, 0.5, 0.3]
+            ),
+            distributional_item(
+                7, "Nigeria", "Is tea good?", ["Yes", "No", "Unsure"], [0.6, 0.1, 0.3]
+            ),
+            distributional_item(8, "Japan", "Rain?", ["Often", "Never"], [0.3, 0.7]),
+            distributional_item(8, "Peru", "Rain?", ["Often", "Never"], [0.9, 0.1]),
+        ],
+    )
+    cfg = GlobalOpinionQAConfig(path=str(path), groups=("Japan", "Nigeria"))
+    pairs, source = build(cfg)
+    assert list(pairs.columns) == list(COLUMNS)
+    assert list(pairs["pair_id"]) == ["7-Japan", "7-Nigeria", "8-Japan"]  # Peru not configured
+    by_id = pairs.set_index("pair_id")
+    assert by_id.loc["7-Japan", "prompt"] == (
+        "Opinion of people in Japan on: Is tea good?\n"
+        "Please select the best response:\nA. Yes\nB. No\nC. Unsure\nAnswer:"
+    )
+    assert by_id.loc["7-Japan", "chosen"] == "B"  # argmax of (0.2, 0.5, 0.3)
+    assert by_id.loc["7-Japan", "rejected"] in {"A", "C"}
+    assert by_id.loc["7-Nigeria", "chosen"] == "A"
+    assert by_id.loc["7-Nigeria", "rejected"] in {"B", "C"}
+    assert (by_id.loc["8-Japan", "chosen"], by_id.loc["8-Japan", "rejected"]) == ("B", "A")
+    assert by_id.loc["7-Japan", "question_id"] == "7"
+    assert len(source) == 3 and set(source["group"]) == {"Japan", "Nigeria"}
+
+
+def test_argmax_ties_go_to_the_first_option_and_rejected_is_uniform():
+    rng = np.random.default_rng(0)
+    assert choose_pair([0.4, 0.4, 0.2], rng)[0] == 0
+    draws = [choose_pair([0.7, 0.1, 0.1, 0.1], rng)[1] for _ in range(3000)]
+    counts = np.bincount(draws, minlength=4)
+    assert counts[0] == 0  # never the chosen option
+    assert all(900 < c < 1100 for c in counts[1:])  # 1000 each expected, sd ≈ 26
+
+
+def _hub_csv(path: Path, rows) -> Path:
+    """The Hub's own CSV format: selections and options are strings holding Python literals."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["question", "selections", "options", "source"])
+        for question, selections, options in rows:
+            writer.writerow(
+                [question, f"defaultdict(<class 'list'>, {selections!r})", repr(options), "GAS"]
+            )
+    return path
+
+
+def test_hub_format_through_datasets(tmp_path):
+    path = _hub_csv(
+        tmp_path / "global_opinions.csv",
+        [
+            ("Do you like rain?", {"Nigeria": [0.1, 0.9], "Japan": [0.7, 0.3]}, ["Yes", "No"]),
+            ("Which is best?", {"Japan": [0.2, 0.2, 0.6]}, ["X", "Y's", "Z"]),
+        ],
+    )
+    source = load_hub(path)
+    assert list(source["group"]) == ["Nigeria", "Japan", "Japan"]
+    assert source.loc[2, "options"] == ["X", "Y's", "Z"]
+    assert source.loc[2, "shares"] == [0.2, 0.2, 0.6]
+    pairs = pairs_from_source(source, ["Nigeria", "Japan"], seed=0, splits=(0.8, 0.1, 0.1))
+    got = pairs.set_index("pair_id")[["chosen", "rejected"]].to_dict("index")
+    assert got == {
+        "0-Japan": {"chosen": "A", "rejected": "B"},
+        "0-Nigeria": {"chosen": "B", "rejected": "A"},
+        "1-Japan": got["1-Japan"],
+    }
+    assert got["1-Japan"]["chosen"] == "C" and got["1-Japan"]["rejected"] in {"A", "B"}
+    prompt = pairs.set_index("pair_id").loc["0-Nigeria", "prompt"]
+    assert prompt.startswith("Opinion of people in Nigeria on: Do you like rain?\n")
+    # the auto format detection sends a CSV to the Hub reader
+    cfg = GlobalOpinionQAConfig(path=str(path), groups=("Japan",))
+    assert len(build(cfg)[0]) == 2
+
+
+def test_hub_offline_fails_with_advice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataFormatError, match=r"offline, set data\.globalopinionqa\.path"):
+        load_hub(None, "Anthropic/llm_global_opinions")
+
+
+def test_a_pair_does_not_change_when_countries_are_added(tmp_path):
+    items = [
+        distributional_item(q, c, f"Q{q}?", ["a", "b", "c", "d"], [0.4, 0.3, 0.2, 0.1])
+        for q in range(20)
+        for c in ("Japan", "China")
+    ]
+    path = write_distributional(tmp_path / "d.json", items)
+    one = build(GlobalOpinionQAConfig(path=str(path), groups=("Japan",)))[0]
+    two = build(GlobalOpinionQAConfig(path=str(path), groups=("Japan", "China")))[0]
+    merged = one.merge(two, on="pair_id", suffixes=("", "_2"))
+    assert len(merged) == 20 and (merged["rejected"] == merged["rejected_2"]).all()
+
+
+def test_split_by_question_hand_example():
+    # group a: 10 questions, b: the same 10 + 10 of its own. a is smaller, so it gets 8/1/1 exactly.
+    qa = [f"q{i}" for i in range(10)]
+    qb = qa + [f"r{i}" for i in range(10)]
+    assignment = split_by_question(qa + qb, ["a"] * 10 + ["b"] * 20, (0.8, 0.1, 0.1), seed=1)
+    a_counts = pd.Series([assignment[q] for q in qa]).value_counts().to_dict()
+    b_counts = pd.Series([assignment[q] for q in qb]).value_counts().to_dict()
+    assert a_counts == {"train": 8, "validation": 1, "test": 1}
+    assert b_counts == {"train": 16, "validation": 2, "test": 2}
+
+
+def test_shared_questions_never_cross_splits(tmp_path):
+    rng = np.random.default_rng(5)
+    items = []
+    for q in range(200):
+        for c in PAPER_COUNTRIES:
+            if rng.random() < 0.7:
+                shares = rng.dirichlet(np.ones(4)).tolist()
+                items.append(distributional_item(q, c, f"Q{q}?", ["a", "b", "c", "d"], shares))
+    path = write_distributional(tmp_path / "d.json", items)
+    pairs = build(GlobalOpinionQAConfig(path=str(path)))[0]
+    assert pairs.groupby("question_id")["split"].nunique().max() == 1
+    shares = pairs.groupby("group")["split"].value_counts(normalize=True).unstack()
+    assert ((shares["train"] - 0.8).abs() < 0.05).all()
+    assert ((shares["test"] - 0.1).abs() < 0.05).all()
+
+
+def test_distributional_errors_name_item_and_field(tmp_path):
+    item = distributional_item(1, "Japan", "Q?", ["a", "b"], [0.5, 0.5])
+    del item["gold_distribution"]
+    path = write_distributional(
+        tmp_path / "d.json", [distributional_item(0, "Japan", "Q?", ["a", "b"], [1, 0]), item]
+    )
+    with pytest.raises(
+        DataFormatError, match=r"d.json: item 1: missing field\(s\) \['gold_distribution'\]"
+    ):
+        read_distributional(path)
+    bad = distributional_item(0, "Japan", "Q?", ["a", "b"], ["x", 0.5])
+    path = write_distributional(tmp_path / "e.json", [bad])
+    with pytest.raises(DataFormatError, match=r"e\.json: item 0, field 'gold_distribution'"):
+        read_distributional(path)
+    path = tmp_path / "f.json"
+    path.write_text('[{"question": "Q",\n "options": [}]')
+    with pytest.raises(DataFormatError, match=r"f\.json: line 2, column 14: invalid JSON"):
+        read_distributional(path)
+
+
+def test_hub_errors_name_row_and_field(tmp_path):
+    path = tmp_path / "hub.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["question", "selections", "options", "source"])
+        writer.writerow(
+            ["Q?", "defaultdict(<class 'list'>, {'Japan': [0.5, 0.5]})", "['a', 'b']", "GAS"]
+        )
+        writer.writerow(
+            ["Q2?", "defaultdict(<class 'list'>, {'Japan': [0.5, 0.5}", "['a', 'b']", "GAS"]
+        )
+    with pytest.raises(
+        DataFormatError, match=r"hub.csv: row 1, field 'selections': not a Python literal"
+    ):
+        load_hub(path)
+
+
+def test_unknown_country_is_reported_with_the_known_ones(tmp_path):
+    path = write_distributional(
+        tmp_path / "d.json", [distributional_item(0, "Japan", "Q?", ["a", "b"], [0.5, 0.5])]
+    )
+    with pytest.raises(DataFormatError, match=r"group\(s\) \['Nigera'\] have no rows"):
+        build(GlobalOpinionQAConfig(path=str(path), groups=("Japan", "Nigera")))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"GlobalOpinionQA subset not found at {SHARED}")
+def test_real_subset_five_countries_pairs():
+    cfg = GlobalOpinionQAConfig(path=str(SHARED / "goqa_subset.json"))
+    pairs, _ = build(cfg)
+    counts = pairs["group"].value_counts().to_dict()
+    # the README's row counts for the paper's five countries
+    assert counts == {
+        "Nigeria": 73,
+        "Egypt": 91,
+        "India (Current national sample)": 79,
+        "China": 37,
+        "Japan": 105,
+    }
+    assert pairs.groupby("question_id")["split"].nunique().max() == 1
+    assert (pairs["chosen"] != pairs["rejected"]).all()
+    # chosen is the argmax of each row's shares (recomputed here from the raw file)
+    raw = json.loads((SHARED / "goqa_subset.json").read_text())
+    argmax = {
+        f"{r['id']}-{r['attribute']}": "ABCDEFGHIJ"[int(np.argmax(r["gold_distribution"]))]
+        for r in raw
+        if r["attribute"] in PAPER_COUNTRIES
+    }
+    assert pairs.set_index("pair_id")["chosen"].to_dict() == argmax

@@ -204,8 +204,8 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
     """Write pairs.jsonl, tokenizer/ and model/ (initial weights) under ``workdir``; return facts.
 
     Every trainer loads the same folder, so all start from bit-identical weights and tokens.
-    Responses already end with EOS, so TRL (which appends EOS when missing) and our trainers score
-    exactly the same response tokens.
+    Responses are stored as the loader gives them (bare letters); :func:`trl_response` turns them
+    into the text TRL needs to score exactly the tokens our trainer scores.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -215,14 +215,7 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
     pairs = load_goqa_pairs(settings)
     texts = [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs]
     tokenizer = build_tokenizer(texts, settings.vocab_size)
-    eos = tokenizer.eos_token
-    for p in pairs:
-        p["chosen"] = p["chosen"] if p["chosen"].endswith(eos) else p["chosen"] + eos
-        p["rejected"] = p["rejected"] if p["rejected"].endswith(eos) else p["rejected"] + eos
-    lengths = [
-        len(tokenizer(p["prompt"] + max(p["chosen"], p["rejected"], key=len))["input_ids"])
-        for p in pairs
-    ]
+    lengths = check_same_tokens(tokenizer, pairs)
     if max(lengths) > settings.max_length:
         raise ValueError(
             f"the longest pair has {max(lengths)} tokens > max_length {settings.max_length}; "
@@ -230,7 +223,9 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
         )
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_config(
-        gpt2_config(settings, len(tokenizer), max(settings.max_length, 64))
+        gpt2_config(
+            settings, max(settings.vocab_size, len(tokenizer)), max(settings.max_length, 64)
+        )
     )
     model.save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
@@ -241,9 +236,52 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
         "groups": sorted({p["group"] for p in pairs}),
         "tokens_per_pair_median": statistics.median(lengths),
         "tokens_per_pair_max": max(lengths),
-        "vocab_size": len(tokenizer),
+        "tokenizer_vocab": len(tokenizer),
+        "model_vocab": model.config.vocab_size,
         "parameters": n_params,
     }
+
+
+def trl_response(prompt: str, response: str, eos_token: str) -> str:
+    """The completion text that makes TRL (prompt + completion, tokenised together) score the same
+    tokens as our trainer (prompt, then the response joined with a space, then EOS)."""
+    from grpo.logprobs import join_response
+
+    return join_response(prompt, response) + eos_token
+
+
+def check_same_tokens(tokenizer, pairs: list[dict[str, str]]) -> list[int]:
+    """Assert that TRL's tokenisation rule and ours give the same prompt and response ids.
+
+    TRL tokenises ``prompt`` and ``prompt + completion`` and takes the completion from where they
+    diverge; ours tokenises the prompt and the joined response apart and appends EOS
+    (:func:`grpo.logprobs.encode_pairs`). Returns the tokens of each pair's longer sequence.
+    """
+    from grpo.logprobs import encode_pairs
+
+    ours = encode_pairs(
+        tokenizer,
+        [p["prompt"] for p in pairs],
+        [p["chosen"] for p in pairs],
+        [p["rejected"] for p in pairs],
+        max_prompt_tokens=10**6,
+        max_response_tokens=10**6,
+    )
+    eos = tokenizer.eos_token
+    lengths = []
+    for i, p in enumerate(pairs):
+        prompt_ids = tokenizer(p["prompt"])["input_ids"]
+        for key, resp in (("chosen", ours.chosen[i]), ("rejected", ours.rejected[i])):
+            full = tokenizer(p["prompt"] + trl_response(p["prompt"], p[key], eos))["input_ids"]
+            if full[: len(prompt_ids)] != prompt_ids or full[len(prompt_ids) :] != resp:
+                raise AssertionError(
+                    f"pair {p['pair_id']} ({key}): TRL would score {full[len(prompt_ids) :]}, "
+                    f"ours {resp}; the comparison would not be on the same tokens"
+                )
+        if ours.prompt[i] != prompt_ids:
+            raise AssertionError(f"pair {p['pair_id']}: prompt ids differ")
+        lengths.append(len(prompt_ids) + max(len(ours.chosen[i]), len(ours.rejected[i])))
+    return lengths
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

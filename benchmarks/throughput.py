@@ -34,6 +34,7 @@ from benchmarks._common import (
     prepare_workdir,
     read_jsonl,
     set_threads,
+    trl_response,
     window_rates,
     write_json,
 )
@@ -41,6 +42,7 @@ from benchmarks._common import (
 TRAINERS = ("trl", "dpo", "grdpo")
 LABELS = {"trl": "TRL DPOTrainer", "dpo": "ours, DPO", "grdpo": "ours, GR-DPO"}
 LOSS_TOL = 1e-4
+REF_TOL = 1e-3  # summed log-probs of up to ~160 tokens, fp32, two code paths
 
 EPILOG = """examples:
   python -m benchmarks.throughput                               # the full comparison (~5 min)
@@ -67,8 +69,16 @@ def run_trl(workdir: Path, s: BenchSettings) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(workdir / "model")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     pairs = read_jsonl(workdir / "pairs.jsonl")
+    eos = tokenizer.eos_token
     dataset = Dataset.from_list(
-        [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+        [
+            {
+                "prompt": p["prompt"],
+                "chosen": trl_response(p["prompt"], p["chosen"], eos),
+                "rejected": trl_response(p["prompt"], p["rejected"], eos),
+            }
+            for p in pairs
+        ]
     )
     clock = StepClock()
     first_loss: list[float] = []
@@ -127,9 +137,13 @@ def run_trl(workdir: Path, s: BenchSettings) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
         clock.start = time.perf_counter()
         trainer.train()
-    return _result(
+        ref = trainer.train_dataset  # precomputed in pair order (no shuffling there)
+        reference = [list(ref["ref_chosen_logps"]), list(ref["ref_rejected_logps"])]
+    result = _result(
         clock, s, first_loss[0] if first_loss else float("nan"), setup_s, rss_after_import
     )
+    result["reference_logps"] = reference
+    return result
 
 
 def run_ours(workdir: Path, s: BenchSettings, method: str) -> dict[str, Any]:
@@ -149,11 +163,15 @@ def run_ours(workdir: Path, s: BenchSettings, method: str) -> dict[str, Any]:
     first_loss = float("nan")
     clock.start = time.perf_counter()
     for i in range(s.total_steps):
-        loss = session.step()
+        out = session.step()
         if i == 0:
-            first_loss = float(loss)
+            first_loss = out["mean_pair_loss"]
         clock.tick()
-    return _result(clock, s, first_loss, setup_s, rss_after_import)
+    result = _result(clock, s, first_loss, setup_s, rss_after_import)
+    result["reference_s"] = session.reference_s
+    rc, rr = session.trainer.reference_logps
+    result["reference_logps"] = [rc.tolist(), rr.tolist()]
+    return result
 
 
 def _result(
@@ -246,10 +264,16 @@ def summarise(
         summary[f"{name}_setup_s"] = median([run["setup_s"] for run in rs])
         if "peak_cuda_allocated_mb" in rs[0]:
             summary[f"{name}_peak_cuda_mb"] = median([r["peak_cuda_allocated_mb"] for r in rs])
+    summary["reference_logps_max_abs_diff"] = reference_agreement(runs)
+    for rs in runs.values():
+        for run in rs:
+            run.pop("reference_logps", None)
     losses = {n: summary[f"{n}_first_step_loss"] for n in runs}
     summary["first_step_losses_agree"] = all(
         math.isfinite(v) and abs(v - LOG2) < LOSS_TOL for v in losses.values()
     )
+    diff = summary["reference_logps_max_abs_diff"]
+    summary["same_reference_logps"] = diff is None or diff < REF_TOL
     ratios = {}
     if "trl" in runs and "grdpo" in runs:
         ratios["grdpo_over_trl_speed"] = summary["grdpo_pairs_per_s"] / summary["trl_pairs_per_s"]
@@ -271,6 +295,28 @@ def summarise(
     summary["ratios"] = ratios
     summary["targets"] = _targets(ratios)
     return summary
+
+
+def reference_agreement(runs: dict[str, list[dict[str, Any]]]) -> float | None:
+    """Max |Δ| between the trainers' precomputed reference log-probs of the same pairs.
+
+    Near 0 means every trainer scores the same tokens of the same pairs with the same model.
+    """
+    refs = [
+        torch_free_pairs(run["reference_logps"])
+        for rs in runs.values()
+        for run in rs[:1]
+        if "reference_logps" in run
+    ]
+    if len(refs) < 2:
+        return None
+    first = refs[0]
+    return max(abs(a - b) for other in refs[1:] for a, b in zip(first, other, strict=True))
+
+
+def torch_free_pairs(value: list[list[float]]) -> list[float]:
+    chosen, rejected = value
+    return [float(x) for x in chosen] + [float(x) for x in rejected]
 
 
 def _targets(r: dict[str, float]) -> dict[str, Any]:
@@ -308,6 +354,9 @@ def format_table(summary: dict[str, Any]) -> str:
         f"first-step losses = log 2 = {LOG2:.6f} (±{LOSS_TOL:g}): "
         f"{'yes' if summary['first_step_losses_agree'] else 'NO'}"
     )
+    diff = summary.get("reference_logps_max_abs_diff")
+    if diff is not None:
+        lines.append(f"precomputed reference log-probs, max |Δ| between trainers: {diff:.2e}")
     return "\n".join(lines)
 
 
@@ -411,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, summary)
         print(f"wrote {args.json}")
-    return 0 if summary["first_step_losses_agree"] else 1
+    return 0 if summary["first_step_losses_agree"] and summary["same_reference_logps"] else 1
 
 
 if __name__ == "__main__":

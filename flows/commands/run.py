@@ -1,0 +1,200 @@
+"""``grpo run``: the whole retraining pipeline (the ``retrain`` Prefect flow) on params.yaml."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DESCRIPTION = """\
+Run the retraining pipeline as a Prefect flow:
+
+  ingest    build the pair table (data:), write data/pairs.parquet, dvc add + push (data.dvc)
+  validate  Great Expectations suite on the table (validate:); a failure stops the run here,
+            before training: nothing is trained or registered, the report is kept
+  train     SFT first when train.sft_epochs > 0, then the preference method (train.method)
+            on a model (model:); cached on the data's content, the config and the code
+  evaluate  per-group loss / reward accuracy / log-prob accuracy on the test split (evaluate:)
+  register  log everything to MLflow; register the policy only if its worst group passes
+            the gate (register.min_worst_group_accuracy); move `champion` if it is at least
+            as good as the current champion's worst group
+
+Defaults run offline on a CPU in a few minutes: the generated dataset and a tiny GPT-2 built
+from a config. Prefect runs in local mode (PREFECT_HOME=<project>/.prefect, or the server at
+PREFECT_API_URL); MLflow writes to sqlite:///<project>/mlruns/mlflow.db with artifacts under
+mlruns/ (MLFLOW_TRACKING_URI overrides). Exit status: 0 when the pipeline ran (whether or not
+the gate passed), 1 when a stage failed, 2 on a configuration error.
+"""
+
+EPILOG = """\
+examples:
+  grpo run                                          # embedded defaults
+  grpo run --set train.method=dpo --json outputs/summary.json
+  grpo run --set register.min_worst_group_accuracy=0.7
+  grpo run --set data.source=globalopinionqa        # the paper's five countries
+  grpo run --set model.name_or_path=/models/SmolLM2-135M --set train.sft_epochs=1
+  MLFLOW_TRACKING_URI=http://mlflow:5000 grpo run   # a shared MLflow server
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the retraining pipeline (ingest → validate → train → evaluate → register)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a params value (repeatable), e.g. train.method=dpo",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the run summary as JSON")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Prefect's task logs (INFO)"
+    )
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from grpo.config import ConfigError
+
+    root = prepare(verbose=args.verbose)
+    try:
+        from flows.retrain import StageFailed, load_params, resolve, retrain
+
+        quiet_loggers(args.verbose)
+        resolve(load_params(_params_path(args.params, root), args.overrides))  # fail fast
+    except (ConfigError, ValueError) as exc:
+        print(f"grpo run: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = retrain(
+            params_file=str(_params_path(args.params, root)),
+            overrides=args.overrides,
+            root=str(root),
+        )
+    except StageFailed as exc:
+        print(f"grpo run: error: {exc}", file=sys.stderr)
+        report = getattr(exc.cause, "result", {}) or {}
+        if report.get("report_path"):
+            print(f"grpo run: validation report kept at {report['report_path']}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    if args.json:
+        write_json(summary, Path(args.json))
+    return 0
+
+
+ROOT_MARKERS = ("params.yaml", "dvc.yaml", ".git")
+
+
+def find_root(start: str | Path | None = None) -> Path:
+    """The project root: the nearest folder (from ``start`` or the CWD upwards) holding
+    ``params.yaml``, ``dvc.yaml`` or ``.git``; the CWD itself when there is none."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if any((folder / marker).exists() for marker in ROOT_MARKERS):
+            return folder
+    return here
+
+
+def prepare(verbose: bool = False) -> Path:
+    """The project root, with Prefect's local mode and quiet logging set up before prefect loads."""
+    root = find_root()
+    for key, value in {
+        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+    return root
+
+
+def quiet_loggers(verbose: bool = False) -> None:
+    """Libraries' INFO chatter off (call after prefect is imported: it configures logging)."""
+    import logging
+
+    if not verbose:
+        # these set their own loggers to INFO when imported: import them first, then quiet them
+        import dvc  # noqa: F401
+        import great_expectations  # noqa: F401
+        import mlflow  # noqa: F401
+
+        noisy = ("mlflow", "dvc", "great_expectations", "alembic", "httpx")
+        for name in (*noisy, "great_expectations.data_context.types.base"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _params_path(path: str, root: Path) -> Path:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return root / p
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human-readable run summary."""
+    ev, gate, reg = s["evaluation"], s["gate"], s["registered"]
+    metrics = ["loss", "reward_accuracy", "logprob_accuracy", "reward_margin", "pairs"]
+    lines = [
+        f"MLflow run      {s['run_id']}  (experiment {s['experiment_id']})",
+        f"data            {s['data']['source']}: {s['data']['rows']} pairs, DVC md5 {s['data']['md5']}, git {str(s['data']['git_rev'])[:10]}",
+        f"training        {s['train']['method']}, {s['train']['steps']} steps"
+        + (" (cached)" if s["train"]["cached"] else ""),
+        "",
+        f"per-group evaluation on the {ev['split']} split ({ev['pairs']} pairs):",
+        f"  {'group':<24}" + "".join(f"{m:>18}" for m in metrics),
+    ]
+    for row in ev["per_group"]:
+        cells = "".join(
+            f"{row.get(m, float('nan')):>18.0f}"
+            if m == "pairs"
+            else f"{row.get(m, float('nan')):>18.4f}"
+            for m in metrics
+        )
+        lines.append(f"  {row['group']:<24}{cells}")
+    ov = ev["overall"]
+    lines.append(
+        f"  {'overall':<24}"
+        + "".join(
+            f"{ov.get(m, float('nan')):>18.0f}"
+            if m == "pairs"
+            else f"{ov.get(m, float('nan')):>18.4f}"
+            for m in metrics
+        )
+    )
+    wg = ev["worst_group"]
+    lines += [
+        "",
+        f"worst group     {wg['group']}: {wg['metric']} {wg['value']:.4f} (gap to the best {wg['gap']:.4f})",
+        f"gate            {gate['decision']}: {gate['reason']}",
+    ]
+    if reg["version"]:
+        lines.append(
+            f"registered      {reg['model_name']} version {reg['version']}, aliases: {', '.join(reg['aliases']) or '-'}"
+        )
+        lines.append(f"champion        version {reg['champion']} ({reg['champion_reason']})")
+    else:
+        lines.append(f"registered      nothing (champion stays version {reg['champion'] or '-'})")
+    lines.append(f"MLflow UI       {s['mlflow_ui']}")
+    return "\n".join(lines)

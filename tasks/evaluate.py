@@ -1,0 +1,142 @@
+"""The evaluate stage: per-group metrics of the trained policy on the held-out split.
+
+``evaluate(...)`` is what both ``grpo stage evaluate`` (dvc.yaml) and the Prefect flow call. It
+writes ``metrics.json`` (flat names: ``eval/group/<g>/<metric>``, ``eval/worst_group/<metric>``,
+``eval/overall/<metric>``, ``eval/group_gap/<metric>``) and ``per_group.json`` (one row per
+group, for ``dvc plots``) into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+PER_GROUP_FILE = "per_group.json"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class EvaluateConfig:
+    """``params.yaml`` → ``evaluate``."""
+
+    split: str = "test"  # which split of the pair table to evaluate on
+    batch_size: int = 32  # pairs per forward pass
+    max_pairs: int = 0  # evaluate at most this many pairs (0 = all)
+    samples: int = 2  # greedy completions of test prompts logged as a smoke test (0 = none)
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split: one of {list(SPLITS)}, got {self.split!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_pairs < 0 or self.samples < 0 or self.max_new_tokens < 1:
+            raise ValueError("max_pairs and samples must be >= 0, max_new_tokens >= 1")
+
+
+def evaluate(
+    pairs_path: str | Path,
+    model_dir: str | Path,
+    reference_dir: str | Path,
+    cfg: EvaluateConfig,
+    out_dir: str | Path,
+    *,
+    beta: float = 0.1,
+    method: str = "gr-dpo",
+    model_cfg: Any = None,
+) -> dict[str, Any]:
+    """Evaluate ``model_dir`` against ``reference_dir`` on the ``cfg.split`` pairs.
+
+    ``beta`` and ``method`` (its DPO or IPO loss) are the training run's; ``model_cfg``
+    (``grpo.modeling.ModelConfig``) gives the device and the truncation lengths.
+    Returns ``{"metrics": {flat name: value}, "result": nested dict, "metrics_path",
+    "per_group_path", "split", "pairs", "samples": [{"prompt", "completion"}]}``.
+    """
+    from grpo.data.schema import read_pairs
+    from grpo.evaluation import evaluate_pairs, flatten_metrics
+    from grpo.groups import parse_method
+    from grpo.modeling import ModelConfig, load_pretrained
+
+    model_cfg = model_cfg or ModelConfig()
+
+    frame = read_pairs(pairs_path)
+    frame = frame[frame["split"] == cfg.split].reset_index(drop=True)
+    if frame.empty:
+        raise ValueError(f"{pairs_path}: no pairs with split == {cfg.split!r} to evaluate")
+    if cfg.max_pairs:
+        frame = frame.head(cfg.max_pairs)
+    policy, tokenizer, _ = load_pretrained(model_dir, device=model_cfg.device)
+    reference, _, _ = load_pretrained(reference_dir, device=model_cfg.device)
+    result = evaluate_pairs(
+        policy,
+        reference,
+        tokenizer,
+        frame,
+        loss=parse_method(method).loss,
+        beta=beta,
+        batch_size=cfg.batch_size,
+        max_prompt_tokens=model_cfg.max_prompt_tokens,
+        max_response_tokens=model_cfg.max_response_tokens,
+        padding_side=model_cfg.padding_side,
+        device=next(policy.parameters()).device,
+    )
+    metrics = flatten_metrics(result, prefix="eval")
+    samples = generate_samples(policy, tokenizer, frame["prompt"].head(cfg.samples).tolist(), cfg)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = _write_json(out_dir / METRICS_FILE, metrics)
+    per_group_path = _write_json(out_dir / PER_GROUP_FILE, per_group_rows(metrics))
+    return {
+        "metrics": metrics,
+        "result": result,
+        "metrics_path": str(metrics_path),
+        "per_group_path": str(per_group_path),
+        "split": cfg.split,
+        "pairs": len(frame),
+        "samples": samples,
+    }
+
+
+def per_group_rows(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """``[{"group": g, "<metric>": value, ...}]`` from the flat ``eval/group/<g>/<metric>`` names."""
+    rows: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) >= 4 and parts[1] == "group":
+            group = "/".join(parts[2:-1])
+            rows.setdefault(group, {"group": group})[parts[-1]] = value
+    return [rows[g] for g in sorted(rows)]
+
+
+def generate_samples(
+    policy, tokenizer, prompts: list[str], cfg: EvaluateConfig
+) -> list[dict[str, str]]:
+    """Greedy completions (a smoke test that the saved policy generates text)."""
+    import torch
+
+    out = []
+    device = next(policy.parameters()).device
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
+        with torch.no_grad():
+            gen = policy.generate(
+                **ids,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        completion = tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        out.append({"prompt": prompt, "completion": completion})
+    return out
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

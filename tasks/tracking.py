@@ -1,0 +1,319 @@
+"""MLflow tracking: where runs go, and what each retraining run records.
+
+Every function takes an explicit ``run_id`` (no reliance on MLflow's thread-local active run),
+so Prefect tasks can call them from any thread. What a run holds:
+
+- params: the resolved config, flattened to ``section.key`` (``params.yaml`` after overrides);
+- tags: the data version (``data.md5`` = DVC md5, ``data.git_rev``, ``data.source``) and the
+  training method;
+- metrics: per-step training metrics (``train/loss``, ``train/group_loss/<g>``,
+  ``train/group_weight/<g>``, ``val/...``) and the evaluation (``eval/group/<g>/<metric>``,
+  ``eval/worst_group/<metric>``, ``eval/overall/<metric>``, ``eval/group_gap/<metric>``);
+- a per-group table (``eval/per_group.json``, ``mlflow.load_table``), three plots, and the policy
+  as a transformers-flavor model (``mlflow.transformers.load_model("models:/NAME@champion")``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+DB_NAME = "mlflow.db"
+TABLE_FILE = "eval/per_group.json"
+PLOT_FILES = {
+    "group_accuracy": "plots/group_accuracy.png",
+    "group_weights": "plots/group_weights.png",
+    "worst_group_loss": "plots/worst_group_loss.png",
+}
+_BAD_CHARS = re.compile(r"[^\w\-. /:]")
+
+
+def _quiet() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def default_uri(root: str | Path) -> str:
+    """``sqlite:///<root>/mlruns/mlflow.db`` (absolute, so the CWD does not matter)."""
+    return f"sqlite:///{(Path(root).resolve() / 'mlruns' / DB_NAME).as_posix()}"
+
+
+def tracking_uri(root: str | Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` when set, else :func:`default_uri`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a SQLite database (``<db folder>/artifacts``); a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+    return None
+
+
+def setup(root: str | Path, experiment: str) -> tuple[str, str]:
+    """Point MLflow at the store and return ``(tracking_uri, experiment_id)``."""
+    _quiet()
+    import mlflow
+
+    uri = tracking_uri(root)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return uri, found.experiment_id
+    return uri, client.create_experiment(experiment, artifact_location=artifact_root(uri))
+
+
+def client():
+    _quiet()
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def start_run(
+    experiment_id: str, run_name: str | None = None, tags: Mapping[str, str] | None = None
+) -> str:
+    """Create a run (status RUNNING) and return its id."""
+    run = client().create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run ``FINISHED`` or ``FAILED``."""
+    client().set_terminated(run_id, status=status)
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 1e-4}}`` → ``{"train.lr": "0.0001"}`` (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            out[name] = text[:6000]  # MLflow's limit on a param value
+    return out
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    """The resolved config as ``section.key`` params."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(flatten(params).items())]
+    for start in range(0, len(items), 100):
+        client().log_batch(run_id, params=items[start : start + 100])
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tags (values turned into strings; ``None`` values are skipped)."""
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+    if items:
+        client().log_batch(run_id, tags=items)
+
+
+def metric_name(name: str) -> str:
+    """MLflow accepts letters, digits, ``_-. /:``; anything else (e.g. a group name) becomes ``_``."""
+    return _BAD_CHARS.sub("_", name)
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Numeric metrics at ``step`` (non-numbers are skipped, NaN kept)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(metric_name(k), float(v), now, int(step))
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    for start in range(0, len(items), 500):
+        client().log_batch(run_id, metrics=items[start : start + 500])
+
+
+def metric_logger(run_id: str) -> Callable[[dict[str, float], int], None]:
+    """A ``log_fn(metrics, step)`` for ``grpo.trainer.train`` that streams to this run."""
+
+    def log_fn(metrics: dict[str, float], step: int) -> None:
+        log_metrics(run_id, metrics, step)
+
+    return log_fn
+
+
+def log_history(run_id: str, history: Iterable[Mapping[str, Any]]) -> None:
+    """Per-step records ``{"step": s, "train/loss": ..., ...}`` (used when training was cached)."""
+    for record in history:
+        record = dict(record)
+        step = int(record.pop("step", 0))
+        log_metrics(run_id, record, step)
+
+
+def per_group_table(metrics: Mapping[str, float]) -> Any:
+    """A DataFrame with one row per group from ``eval/group/<g>/<metric>`` names."""
+    import pandas as pd
+
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) >= 4 and parts[0] == "eval" and parts[1] == "group":
+            group, metric = "/".join(parts[2:-1]), parts[-1]
+            rows.setdefault(group, {})[metric] = value
+    frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    frame.index.name = "group"
+    return frame.reset_index()
+
+
+def log_evaluation(run_id: str, metrics: Mapping[str, float]) -> Any:
+    """The flat evaluation metrics and the per-group table; returns the table."""
+    log_metrics(run_id, metrics)
+    table = per_group_table(metrics)
+    client().log_table(run_id, table, TABLE_FILE)
+    return table
+
+
+def log_figures(run_id: str, figures: Mapping[str, Any]) -> None:
+    """Log each matplotlib figure (``{artifact_file: figure}``) and close it."""
+    import matplotlib.pyplot as plt
+
+    for path, figure in figures.items():
+        client().log_figure(run_id, figure, path)
+        plt.close(figure)
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """A file or folder as run artifacts."""
+    path = Path(path)
+    if path.is_dir():
+        client().log_artifacts(run_id, str(path), artifact_path)
+    elif path.exists():
+        client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_model(
+    run_id: str, model_dir: str | Path, *, metadata: Mapping[str, Any] | None = None
+) -> str:
+    """Log the saved policy as a transformers ``text-generation`` model; returns its ``models:/`` URI."""
+    import logging
+
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    previous = logging.getLogger("mlflow.transformers").level
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no Hub: model card warnings
+    try:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            info = mlflow.transformers.log_model(
+                {"model": model, "tokenizer": tokenizer},
+                name="model",
+                task="text-generation",
+                pip_requirements=["torch", "transformers", "tokenizers", "safetensors"],
+                metadata=dict(metadata or {}),
+            )
+    finally:
+        logging.getLogger("mlflow.transformers").setLevel(previous)
+    client().update_run(run_id, status="RUNNING")  # the flow marks the end itself
+    return info.model_uri
+
+
+# --- plots (pure matplotlib; logged with log_figures) ------------------------------------------
+
+
+def _series(
+    history: Iterable[Mapping[str, Any]], prefix: str
+) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for record in history:
+        for key, value in record.items():
+            if key.startswith(prefix) and isinstance(value, (int, float)) and not math.isnan(value):
+                steps, values = out.setdefault(key[len(prefix) :], ([], []))
+                steps.append(int(record.get("step", len(steps))))
+                values.append(float(value))
+    return out
+
+
+def accuracy_figure(table: Any, metric: str = "reward_accuracy"):
+    """Bar chart: ``metric`` per group, the worst group in red."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    groups = [str(g) for g in table["group"]]
+    values = [float(v) for v in table[metric]]
+    worst = min(range(len(values)), key=values.__getitem__) if values else -1
+    colors = ["tab:red" if i == worst else "tab:blue" for i in range(len(values))]
+    ax.bar(groups, values, color=colors)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(metric)
+    ax.set_title(f"Per-group {metric} on the test split (red: worst group)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def curve_figure(history: Iterable[Mapping[str, Any]], prefix: str, title: str, ylabel: str):
+    """One line per series whose name starts with ``prefix`` (e.g. ``train/group_weight/``)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (steps, values) in sorted(_series(list(history), prefix).items()):
+        ax.plot(steps, values, label=name or prefix.rstrip("/"))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def worst_group_loss_history(history: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """Per step: the largest ``train/group_loss/<g>`` (and ``val/worst_group_loss`` when logged)."""
+    out = []
+    for record in history:
+        losses = [
+            float(v)
+            for k, v in record.items()
+            if k.startswith("train/group_loss/")
+            and isinstance(v, (int, float))
+            and not math.isnan(v)
+        ]
+        row: dict[str, float] = {"step": record.get("step", len(out))}
+        if losses:
+            row["worst/train"] = max(losses)
+        if isinstance(record.get("val/worst_group_loss"), (int, float)):
+            row["worst/validation"] = float(record["val/worst_group_loss"])
+        if len(row) > 1:
+            out.append(row)
+    return out
+
+
+def training_figures(history: list[Mapping[str, Any]], table: Any, metric: str) -> dict[str, Any]:
+    """The three plots of a run, keyed by artifact file."""
+    return {
+        PLOT_FILES["group_accuracy"]: accuracy_figure(table, metric),
+        PLOT_FILES["group_weights"]: curve_figure(
+            history, "train/group_weight/", "Group weights α over training", "weight"
+        ),
+        PLOT_FILES["worst_group_loss"]: curve_figure(
+            worst_group_loss_history(history), "worst/", "Worst-group loss over training", "loss"
+        ),
+    }

@@ -1,0 +1,94 @@
+"""The train stage: read the validated pair table, run ``grpo.trainer.train`` (SFT first when
+``train.sft_epochs > 0``, then the preference method), and write the history next to the model.
+
+``train(...)`` is what both ``grpo stage train`` (dvc.yaml) and the Prefect flow call.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HISTORY_FILE = "history.csv"
+RESULT_FILE = "result.json"
+
+
+def train(
+    pairs_path: str | Path,
+    model_cfg: Any,
+    train_cfg: Any,
+    out_dir: str | Path,
+    *,
+    log_fn: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, Any]:
+    """Train on ``pairs_path``; returns a plain dict (JSON-friendly, cacheable).
+
+    Keys: ``out_dir``, ``model_dir``, ``reference_dir``, ``method``, ``groups``, ``alpha``,
+    ``weights``, ``steps``, ``stopped_early``, ``best``, ``history`` (one dict per step),
+    ``history_path`` (CSV for ``dvc plots``).
+    """
+    from grpo.data.schema import read_pairs
+    from grpo.trainer import train as run_training
+
+    out_dir = Path(out_dir)
+    result = run_training(read_pairs(pairs_path), model_cfg, train_cfg, out_dir, log_fn=log_fn)
+    history = [dict(h) for h in result.history]
+    history_path = write_history(history, out_dir / HISTORY_FILE)
+    summary = {
+        "out_dir": str(out_dir),
+        "model_dir": str(result.model_dir),
+        "reference_dir": str(result.reference_dir),
+        "method": train_cfg.method,
+        "groups": list(result.groups),
+        "alpha": list(result.alpha),
+        "weights": list(result.weights),
+        "steps": int(result.steps),
+        "stopped_early": bool(result.stopped_early),
+        "best": dict(result.best),
+        "history_path": str(history_path),
+    }
+    _write_json(out_dir / RESULT_FILE, summary)
+    return {**summary, "history": history}
+
+
+def load_result(out_dir: str | Path) -> dict[str, Any]:
+    """The dict :func:`train` returned, read back from ``out_dir`` (for ``grpo stage``)."""
+    out_dir = Path(out_dir)
+    path = out_dir / RESULT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained model here; run `grpo stage train` first")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return {**summary, "history": read_history(out_dir / HISTORY_FILE)}
+
+
+def write_history(history: list[dict[str, Any]], path: Path) -> Path:
+    """One row per step, one column per metric (missing values empty), written atomically."""
+    columns = ["step", *sorted({k for h in history for k in h} - {"step"})]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+    return path
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [
+            {k: (int(float(v)) if k == "step" else float(v)) for k, v in row.items() if v != ""}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

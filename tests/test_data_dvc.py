@@ -161,3 +161,28 @@ def test_dvc_repro_on_a_fresh_clone_runs_the_data_stages(tmp_path):
     )
     assert (clone / "outputs" / "data" / "ingest.json").exists()
     shutil.rmtree(clone, ignore_errors=True)
+
+
+def test_ingest_cli_writes_the_stable_record_and_reports_errors(tmp_path, capsys, monkeypatch):
+    from flows.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("data:\n  generated:\n    n_pairs: 120\n")
+    code = cli(["ingest", "--no-dvc", "--json", "out/ingest.json"])
+    assert code == 0
+    assert "ingested 120 pairs from generated" in capsys.readouterr().out
+    record = yaml.safe_load((tmp_path / "out" / "ingest.json").read_text())
+    assert record["rows"] == 120 and record["path"] == "data/pairs.parquet"
+    assert "git_rev" not in record  # run-specific fields stay out of the DVC stage output
+    assert record["group_counts"] == {"Island": 18, "Northland": 54, "Southland": 48}
+
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"pair_id": "p1"}\n{"pair_id": \n')
+    args = ["ingest", "--no-dvc", "--set", "data.source=file", "--set", f"data.path={bad}"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: line 2" in err and "Traceback" not in err
+    assert cli(["ingest", "--set", "data.source=nope"]) == 2
+    assert "source: must be one of" in capsys.readouterr().err
+    assert cli(["ingest", "--set", "data.generated.typo=1"]) == 2
+    assert "unknown key(s) ['typo']" in capsys.readouterr().err

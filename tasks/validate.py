@@ -29,6 +29,8 @@ from typing import Any
 
 import pandas as pd
 
+from grpo.data.globalopinionqa import PAPER_COUNTRIES, GlobalOpinionQAConfig, is_opinion_file
+from grpo.data.globalopinionqa import build as build_opinion_pairs
 from grpo.data.schema import COLUMNS, SPLITS, DataFormatError, read_pairs
 from grpo.data.sources import PAIRS_FILE, SOURCE_FILE, source_stats
 
@@ -98,8 +100,18 @@ def validate(
         "rows": 0,
         "expectations": 0,
     }
+    source_frame = None
     try:
-        pairs = read_pairs(path)
+        if is_opinion_file(path):  # a GlobalOpinionQA file: check its shares and the pairs it gives
+            opinion = GlobalOpinionQAConfig(
+                path=str(path), groups=tuple(groups) if groups else PAPER_COUNTRIES
+            )
+            pairs, source = build_opinion_pairs(opinion)
+            source_frame = source_stats(source)
+            groups = list(opinion.groups)
+            result["built_from_source"] = True
+        else:
+            pairs = read_pairs(path)
     except DataFormatError as exc:
         result["failures"] = [
             {"table": "file", "expectation": "readable_canonical_table", "column": None,
@@ -122,8 +134,10 @@ def validate(
         "group_splits": group_split_counts(pairs, groups),
     }
     if source_path is not None:
-        tables["source"] = source_stats(pd.read_parquet(source_path).assign(where=""))
+        source_frame = source_stats(pd.read_parquet(source_path).assign(where=""))
         result["source_path"] = str(source_path)
+    if source_frame is not None:
+        tables["source"] = source_frame
 
     outcomes = run_suites(tables, groups, cfg, report_dir / "data_docs" if cfg.data_docs else None)
     result["expectations"] = len(outcomes)
@@ -330,7 +344,9 @@ def _outcome(table: str, r, frame: pd.DataFrame, n_examples: int) -> dict[str, A
         out["examples"] = [f"{frame.iloc[i]['group']}/{frame.iloc[i]['split']}" for i in rows]
     if table == "source" and rows:
         out["examples"] = [
-            f"question {frame.iloc[i]['question_id']}, {frame.iloc[i]['group']}" for i in rows
+            frame.iloc[i]["where"]
+            or f"question {frame.iloc[i]['question_id']}, {frame.iloc[i]['group']}"
+            for i in rows
         ]
     if raised:
         out["message"] = str(r.exception_info.get("exception_message"))

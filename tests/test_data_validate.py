@@ -180,3 +180,32 @@ def test_cli_exit_codes_and_json(tmp_path, capsys, small):
     assert cli(["validate", str(good), "--groups", "Northland,Southland", "--set", report]) == 1
     err = capsys.readouterr().err
     assert "expect_column_values_to_be_in_set on group" in err and "'Island'" in err
+
+
+def test_a_globalopinionqa_file_is_checked_directly(tmp_path):
+    items = [
+        {
+            "question": f"Question: Q{q}?\nOptions: A. a B. b C. c\nAnswer:",
+            "options": ["a", "b", "c"],
+            "attribute": country,
+            "gold_distribution": [0.5, 0.3, 0.2],
+            "id": q,
+        }
+        for q in range(30)
+        for country in ("Japan", "China")
+    ]
+    items[4]["gold_distribution"] = [0.5, 0.6, 0.2]  # sums to 1.3
+    items[7]["gold_distribution"] = [0.5, 0.5]  # two shares, three options
+    path = tmp_path / "opinions.json"
+    path.write_text(json.dumps(items))
+    with pytest.raises(DataValidationError) as info:
+        validate(path, cfg(tmp_path, data_docs=False), ["Japan", "China"])
+    result = info.value.result
+    got = failures_by_check(result)
+    assert got[("expect_column_values_to_be_between", "share_sum")]["examples"] == [
+        f"{path}: item 4"
+    ]
+    pair = got[("expect_column_pair_values_to_be_equal", "['n_options', 'n_shares']")]
+    assert pair["examples"] == [f"{path}: item 7"]
+    assert len(result["failures"]) == 2
+    assert result["rows"] == 59  # item 7 cannot give a pair; the other 59 do

@@ -9,7 +9,9 @@ from pathlib import Path
 
 DESCRIPTION = """\
 Validate a preference-pair table (JSONL, CSV or Parquet with the canonical columns pair_id,
-question_id, group, prompt, chosen, rejected, split) with Great Expectations:
+question_id, group, prompt, chosen, rejected, split) with Great Expectations. A GlobalOpinionQA
+file (the Hub's CSV or the distributional JSON) is checked too: its shares, and the pairs that
+`grpo ingest` would build from it for --groups (default: the paper's five countries).
 
   - every column present and never null; pair_id unique
   - group in the configured set (--groups); split in train/validation/test
@@ -33,6 +35,7 @@ examples:
   grpo validate my_pairs.jsonl --groups a,b,c --set validate.min_pairs_per_split=10
   grpo validate data/pairs.parquet --params params.yaml     # groups from params.yaml's data source
   grpo validate my_pairs.csv                                # groups = those found in the file
+  grpo validate ../shared/data/globalopinionqa/goqa_subset.json --groups Japan,China
   xdg-open reports/validation/data_docs/index.html          # the HTML Data Docs
 """
 
@@ -89,7 +92,10 @@ def main(args: argparse.Namespace) -> int:
         elif args.params:
             groups = data_config(params).expected_groups()
         if groups is None:
-            print("grpo validate: no --groups: checking against the groups found in the file")
+            print(
+                "grpo validate: no --groups: checking against the groups found in the file "
+                "(a GlobalOpinionQA file: the paper's five countries)"
+            )
     except (ConfigError, ValueError) as exc:
         print(f"grpo validate: error: {exc}", file=sys.stderr)
         return 2

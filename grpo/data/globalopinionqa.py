@@ -245,6 +245,27 @@ def detect_format(path: str | Path) -> str:
     return "hub" if re.search(r'"selections"\s*:', head) else "distributional"
 
 
+def is_opinion_file(path: str | Path) -> bool:
+    """True for a GlobalOpinionQA file (Hub CSV/JSON or distributional JSON), not a pair table.
+
+    Looks at the CSV header or the first 20,000 characters for the formats' own fields.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json", ".jsonl") or not path.is_file():
+        return False
+    try:
+        head = path.read_bytes()[:20000].decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    if suffix == ".csv":
+        header = head.splitlines()[0] if head else ""
+        return "selections" in header and "pair_id" not in header
+    return (
+        bool(re.search(r'"(gold_distribution|selections)"\s*:', head)) and '"pair_id"' not in head
+    )
+
+
 def load_source(cfg: GlobalOpinionQAConfig) -> pd.DataFrame:
     """The configured file or the Hub → the source table, every country (not yet filtered)."""
     if cfg.path is None:

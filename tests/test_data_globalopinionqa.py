@@ -244,3 +244,26 @@ def test_real_subset_five_countries_pairs():
         if r["attribute"] in PAPER_COUNTRIES
     }
     assert pairs.set_index("pair_id")["chosen"].to_dict() == argmax
+
+
+def test_parse_literal_reads_bare_nan_as_missing_but_keeps_answer_texts():
+    from grpo.data.globalopinionqa import parse_literal
+
+    text = "defaultdict(<class 'list'>, {'Japan': [0.5, nan], 'Peru': [1.0, 0.0]})"
+    assert parse_literal(text, "w") == {"Japan": [0.5, None], "Peru": [1.0, 0.0]}
+    assert parse_literal("['the nan bread', \"Don't know\"]", "w") == [
+        "the nan bread",
+        "Don't know",
+    ]
+    source = pd.DataFrame(
+        {
+            "question_id": ["0", "1"],
+            "group": ["Japan", "Japan"],
+            "question": ["q", "q"],
+            "options": [["a", "b"], ["a", "b"]],
+            "shares": [[0.5, float("nan")], [0.2, 0.8]],
+            "where": ["w0", "w1"],
+        }
+    )
+    pairs = pairs_from_source(source, ["Japan"], seed=0, splits=(0.8, 0.1, 0.1))
+    assert list(pairs["pair_id"]) == ["1-Japan"]  # the NaN row gives no pair (validation flags it)

@@ -144,22 +144,26 @@ _NAN = re.compile(r"(?<![A-Za-z_'\"])nan(?![A-Za-z_'\"])")
 def parse_literal(text: Any, where: str) -> Any:
     """A Hub cell holding a Python literal (``"['a', 'b']"``, ``"defaultdict(<class 'list'>, {...})"``).
 
-    Already-parsed values pass through. ``nan`` becomes NaN (the validation suite reports it).
+    Already-parsed values pass through. A bare ``nan`` (not a valid literal) is read as a missing
+    share (NaN, which the validation suite reports); only tried when the text does not parse as it
+    is, so an answer text containing "nan" is never touched.
     """
     if not isinstance(text, str):
         return text
-    body = text
-    match = _DEFAULTDICT.match(text)
+    body = text.strip()
+    match = _DEFAULTDICT.match(body)
     if match:
-        body = match.group("body")
-    body = _NAN.sub("None", body)
+        body = match.group("body").strip()
     try:
-        value = ast.literal_eval(body.strip())
+        return ast.literal_eval(body)
     except (ValueError, SyntaxError) as exc:
+        first = exc
+    try:
+        return ast.literal_eval(_NAN.sub("None", body))
+    except (ValueError, SyntaxError):
         raise DataFormatError(
-            f"{where}: not a Python literal ({exc.__class__.__name__}: {exc})"
+            f"{where}: not a Python literal ({first.__class__.__name__}: {first})"
         ) from None
-    return value
 
 
 def hub_records(rows: Iterable[Mapping[str, Any]], origin: str) -> pd.DataFrame:

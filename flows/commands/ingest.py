@@ -87,11 +87,9 @@ def main(args: argparse.Namespace) -> int:
     from tasks.ingest import DvcError, ingest
 
     try:
-        params = (
-            load_yaml(args.params)
-            if Path(args.params).exists() or args.params != "params.yaml"
-            else {}
-        )
+        # no params.yaml in the current folder: the built-in defaults
+        missing_default = args.params == "params.yaml" and not Path(args.params).exists()
+        params = {} if missing_default else load_yaml(args.params)
         params = apply_overrides(params, args.overrides)
         cfg = data_config(params)
         if args.no_dvc:

@@ -5,16 +5,23 @@
 - :mod:`grpo.data.generated`: the embedded generated dataset (no network), the default source.
 - :mod:`grpo.data.globalopinionqa`: GlobalOpinionQA as the paper uses it (Hub or distributional JSON).
 - :mod:`grpo.data.splits`: question-level train/validation/test splits.
+- :mod:`grpo.data.sources`: ``DataConfig`` (``params.yaml`` → ``data``) and ``build_pairs``.
 """
 
 from grpo.data.generated import GeneratedConfig, generate
+from grpo.data.globalopinionqa import GlobalOpinionQAConfig
 from grpo.data.schema import COLUMNS, SPLITS, DataFormatError, read_pairs, write_pairs
+from grpo.data.sources import DataConfig, build_pairs, data_config
 
 __all__ = [
     "COLUMNS",
     "SPLITS",
+    "DataConfig",
     "DataFormatError",
     "GeneratedConfig",
+    "GlobalOpinionQAConfig",
+    "build_pairs",
+    "data_config",
     "generate",
     "read_pairs",
     "write_pairs",

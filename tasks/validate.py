@@ -88,6 +88,8 @@ def validate(
     if not isinstance(cfg, ValidateConfig):
         cfg = from_dict(ValidateConfig, cfg, where="validate")
     path = Path(path)
+    if path.is_dir() and (path / PAIRS_FILE).is_file():  # the ingested folder, e.g. data/
+        path = path / PAIRS_FILE
     report_dir = Path(cfg.report_dir)
     started = time.time()
     result: dict[str, Any] = {

@@ -192,11 +192,8 @@ def log_results_task(
 ) -> None:
     from tasks import tracking
 
-    if trained.get("logged_to") != run_id:  # training came from the cache: copy its history
-        tracking.log_history(run_id, trained["history"])
-    table = tracking.log_evaluation(run_id, evaluation["metrics"])
-    tracking.log_figures(run_id, tracking.training_figures(trained["history"], table, metric))
-    tracking.client().log_dict(run_id, evaluation["samples"], "eval/samples.json")
+    cached = trained.get("logged_to") != run_id  # training came from the cache: copy its history
+    tracking.log_results(run_id, trained["history"], evaluation, metric, include_history=cached)
     tracking.set_tags(run_id, {"train.steps": trained["steps"], "eval.split": evaluation["split"]})
 
 

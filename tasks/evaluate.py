@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.json"
 PER_GROUP_FILE = "per_group.json"
 SPLITS = ("train", "validation", "test")
 
@@ -91,6 +92,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = _write_json(out_dir / METRICS_FILE, metrics)
     per_group_path = _write_json(out_dir / PER_GROUP_FILE, per_group_rows(metrics))
+    _write_json(out_dir / SAMPLES_FILE, samples)
     return {
         "metrics": metrics,
         "result": result,
@@ -99,6 +101,21 @@ def evaluate(
         "split": cfg.split,
         "pairs": len(frame),
         "samples": samples,
+    }
+
+
+def load_evaluation(out_dir: str | Path) -> dict[str, Any]:
+    """What :func:`evaluate` wrote into ``out_dir``, read back (for ``grpo stage register``)."""
+    out_dir = Path(out_dir)
+    path = out_dir / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no evaluation here; run `grpo stage evaluate` first")
+    samples = out_dir / SAMPLES_FILE
+    return {
+        "metrics": json.loads(path.read_text(encoding="utf-8")),
+        "metrics_path": str(path),
+        "per_group_path": str(out_dir / PER_GROUP_FILE),
+        "samples": json.loads(samples.read_text(encoding="utf-8")) if samples.exists() else [],
     }
 
 

@@ -229,6 +229,24 @@ def log_model(
     return info.model_uri
 
 
+def log_results(
+    run_id: str,
+    history: list[Mapping[str, Any]],
+    evaluation: Mapping[str, Any],
+    metric: str,
+    *,
+    include_history: bool = True,
+) -> Any:
+    """Everything after training: the history (unless streamed already), the evaluation metrics
+    and per-group table, the three plots and the generated samples. Returns the table."""
+    if include_history:
+        log_history(run_id, history)
+    table = log_evaluation(run_id, evaluation["metrics"])
+    log_figures(run_id, training_figures(list(history), table, metric))
+    client().log_dict(run_id, list(evaluation.get("samples") or []), "eval/samples.json")
+    return table
+
+
 # --- plots (pure matplotlib; logged with log_figures) ------------------------------------------
 
 

@@ -24,8 +24,12 @@ def train(
     out_dir: str | Path,
     *,
     log_fn: Callable[[dict[str, float], int], None] | None = None,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Train on ``pairs_path``; returns a plain dict (JSON-friendly, cacheable).
+
+    ``resume``: continue from a checkpoint in ``out_dir`` (False: start over; use it whenever
+    ``out_dir`` is not specific to this data and config).
 
     Keys: ``out_dir``, ``model_dir``, ``reference_dir``, ``method``, ``groups``, ``alpha``,
     ``weights``, ``steps``, ``stopped_early``, ``best``, ``history`` (one dict per step),
@@ -35,7 +39,9 @@ def train(
     from grpo.trainer import train as run_training
 
     out_dir = Path(out_dir)
-    result = run_training(read_pairs(pairs_path), model_cfg, train_cfg, out_dir, log_fn=log_fn)
+    result = run_training(
+        read_pairs(pairs_path), model_cfg, train_cfg, out_dir, log_fn=log_fn, resume=resume
+    )
     history = [dict(h) for h in result.history]
     history_path = write_history(history, out_dir / HISTORY_FILE)
     summary = {

@@ -85,10 +85,12 @@ def main(args: argparse.Namespace) -> int:
             root=str(root),
         )
     except StageFailed as exc:
-        print(f"grpo run: error: {exc}", file=sys.stderr)
-        report = getattr(exc.cause, "result", {}) or {}
-        if report.get("report_path"):
-            print(f"grpo run: validation report kept at {report['report_path']}", file=sys.stderr)
+        report = getattr(exc.cause, "result", None)
+        if isinstance(report, dict) and report.get("report_path"):  # DataValidationError
+            print(f"grpo run: error: stage {exc.stage} failed:\n{exc.cause}", file=sys.stderr)
+            print(f"grpo run: nothing was trained or registered; report kept at {report['report_path']}", file=sys.stderr)
+        else:
+            print(f"grpo run: error: {exc} (grpo run -v shows the traceback)", file=sys.stderr)
         return 1
     print(format_summary(summary))
     if args.json:
@@ -136,6 +138,9 @@ def quiet_loggers(verbose: bool = False) -> None:
         noisy = ("mlflow", "dvc", "great_expectations", "alembic", "httpx")
         for name in (*noisy, "great_expectations.data_context.types.base"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # a failed stage is reported in one line by `grpo run`; -v shows Prefect's tracebacks
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _params_path(path: str, root: Path) -> Path:

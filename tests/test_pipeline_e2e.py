@@ -1,0 +1,221 @@
+"""`grpo run` end to end on the embedded defaults (sizes turned down), checking MLflow's contents.
+
+One Prefect test server for the module; MLflow in a SQLite file under tmp; the project root is
+an empty tmp folder (embedded defaults, no params.yaml), data not DVC-tracked (the data tests
+cover DVC). The first run trains; later runs reuse the cached training (same data, same
+config), so the gate and champion rules are exercised on known, identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+GROUPS = ("Northland", "Southland", "Island")
+SMALL = [
+    "data.track=false",
+    "data.generated.n_pairs=360",
+    "model.config={model_type: gpt2, n_layer: 1, n_head: 2, n_embd: 32, n_positions: 256}",
+    "model.tokenizer_vocab_size=320",
+    "train.epochs=0",
+    "train.max_steps=4",
+    "train.batch_size=8",
+    "train.eval_every=2",
+    "train.progress=false",
+    "evaluate.samples=1",
+    "evaluate.max_new_tokens=4",
+]
+METRICS = ("loss", "reward_accuracy", "logprob_accuracy")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp("project")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    mp.setenv("PREFECT_HOME", str(root / ".prefect"))
+    mp.chdir(root)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield root
+    mp.undo()
+
+
+def grpo(*argv: str) -> int:
+    from flows.cli import main
+
+    return main(list(argv))
+
+
+def run(*overrides: str, json_path: Path | None = None) -> tuple[int, dict | None]:
+    argv = ["run", *[a for o in (*SMALL, *overrides) for a in ("--set", o)]]
+    if json_path is not None:
+        argv += ["--json", str(json_path)]
+    code = grpo(*argv)
+    summary = (
+        json.loads(json_path.read_text()) if json_path is not None and json_path.exists() else None
+    )
+    return code, summary
+
+
+def client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def aliases(name="grpo-policy") -> dict[str, str]:
+    return {k: str(v) for k, v in client().get_registered_model(name).aliases.items()}
+
+
+def versions(name="grpo-policy") -> list[str]:
+    return sorted(str(v.version) for v in client().search_model_versions(f"name = '{name}'"))
+
+
+def test_pipeline_tracks_gates_and_promotes(project, capsys):
+    # 1. threshold 0: registered as version 1, champion (no champion before)
+    code, first = run("register.min_worst_group_accuracy=0", json_path=project / "s1.json")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "per-group evaluation" in out and "mlflow ui --backend-store-uri" in out
+    assert first["gate"]["decision"] == "registered"
+    assert first["registered"]["version"] == "1"
+    assert first["registered"]["aliases"] == ["challenger", "champion"]
+    assert not first["train"]["cached"]
+    assert aliases() == {"champion": "1", "challenger": "1"}
+
+    run_data = client().get_run(first["run_id"]).data
+    metrics, tags, params = run_data.metrics, run_data.tags, run_data.params
+    for metric in METRICS:
+        for group in GROUPS:
+            assert f"eval/group/{group}/{metric}" in metrics
+        for kind in ("worst_group", "overall", "group_gap"):
+            assert f"eval/{kind}/{metric}" in metrics
+    # the worst group's accuracy is the minimum of the groups', the gap max − min
+    accs = [metrics[f"eval/group/{g}/reward_accuracy"] for g in GROUPS]
+    assert metrics["eval/worst_group/reward_accuracy"] == pytest.approx(min(accs))
+    assert metrics["eval/group_gap/reward_accuracy"] == pytest.approx(max(accs) - min(accs))
+    assert first["evaluation"]["worst_group"]["value"] == pytest.approx(min(accs))
+    # per-step training metrics, every group's loss and weight, one value per step
+    for group in GROUPS:
+        weights = client().get_metric_history(first["run_id"], f"train/group_weight/{group}")
+        assert [m.step for m in weights] == [1, 2, 3, 4]
+    total = sum(
+        client().get_metric_history(first["run_id"], f"train/group_weight/{g}")[-1].value
+        for g in GROUPS
+    )
+    assert total == pytest.approx(1.0, abs=1e-5)  # group weights stay on the simplex
+    assert client().get_metric_history(first["run_id"], "train/group_loss/Northland")
+    # resolved config as params, data version and decision as tags
+    assert params["train.method"] == "gr-dpo" and params["train.max_steps"] == "4"
+    assert params["register.min_worst_group_accuracy"] == "0.0"
+    assert len(tags["data.sha256"]) == 64 and tags["data.source"] == "generated"
+    assert tags["gate.decision"] == "passed" and "threshold 0.0000" in tags["gate.reason"]
+    # per-group table and plots
+    import mlflow
+
+    mlflow.set_experiment("grpo")  # load_table searches the current experiment
+    table = mlflow.load_table("eval/per_group.json", run_ids=[first["run_id"]])
+    assert sorted(table["group"]) == sorted(GROUPS)
+    assert table.set_index("group").loc["Island", "reward_accuracy"] == pytest.approx(
+        metrics["eval/group/Island/reward_accuracy"]
+    )
+    plots = {a.path for a in client().list_artifacts(first["run_id"], "plots")}
+    assert plots == {
+        "plots/group_accuracy.png",
+        "plots/group_weights.png",
+        "plots/worst_group_loss.png",
+    }
+    # the champion loads as a transformers pipeline and generates text
+    pipe = mlflow.transformers.load_model("models:/grpo-policy@champion")
+    generated = pipe("Question: which way?", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert generated.startswith("Question: which way?") and len(generated) > len(
+        "Question: which way?"
+    )
+    mv = client().get_model_version("grpo-policy", "1")
+    assert mv.run_id == first["run_id"] and mv.tags["gate.decision"] == "passed"
+
+    # 2. threshold 1.01: nothing registered; the run says why (training is cached)
+    code, second = run("register.min_worst_group_accuracy=1.01", json_path=project / "s2.json")
+    assert code == 0
+    assert second["train"]["cached"]
+    assert second["evaluation"]["worst_group"]["value"] == pytest.approx(min(accs))
+    assert second["gate"]["decision"] == "rejected" and second["registered"]["version"] is None
+    assert versions() == ["1"] and aliases() == {"champion": "1", "challenger": "1"}
+    tags2 = client().get_run(second["run_id"]).data.tags
+    assert tags2["gate.decision"] == "rejected" and "< threshold 1.0100" in tags2["gate.reason"]
+    # the cached run still carries the per-step history
+    assert len(client().get_metric_history(second["run_id"], "train/loss")) == 4
+
+    # 3. an equally good model with a margin of 0.01: registered, challenger, champion stays
+    code, third = run(
+        "register.min_worst_group_accuracy=0",
+        "register.champion_margin=0.01",
+        json_path=project / "s3.json",
+    )
+    assert code == 0 and third["registered"]["version"] == "2"
+    assert aliases() == {"champion": "1", "challenger": "2"}
+    assert client().get_model_version("grpo-policy", "2").tags["champion.decision"] == "kept"
+
+    # 4. equally good, no margin: "at least as good" takes champion
+    code, fourth = run("register.min_worst_group_accuracy=0", json_path=project / "s4.json")
+    assert code == 0 and fourth["registered"]["version"] == "3"
+    assert aliases() == {"champion": "3", "challenger": "3"}
+
+    # 5. `grpo audit` lists them, newest first, with the logged per-group accuracies
+    capsys.readouterr()
+    assert grpo("audit", "--format", "json", "--plot", str(project / "audit.png")) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in records] == ["3", "2", "1"]
+    assert records[0]["aliases"] == ["challenger", "champion"] and records[2]["aliases"] == []
+    assert records[2]["groups"]["Island"] == pytest.approx(
+        metrics["eval/group/Island/reward_accuracy"]
+    )
+    assert records[2]["worst_value"] == pytest.approx(min(accs))
+    assert records[2]["method"] == "gr-dpo" and records[2]["data_md5"] is None  # not DVC-tracked
+    assert (project / "audit.png").stat().st_size > 0
+
+    # 6. promote by hand: the gate is re-checked unless --force
+    assert grpo("promote", "grpo-policy", "1", "--threshold", "1.01") == 1
+    assert aliases()["champion"] == "3"
+    assert grpo("promote", "grpo-policy", "1", "--threshold", "1.01", "--force") == 0
+    assert aliases()["champion"] == "1"
+
+
+def test_failed_validation_stops_before_training(project, capsys):
+    before = {
+        r.info.run_id
+        for r in client().search_runs([e.experiment_id for e in client().search_experiments()])
+    }
+    registered = versions() if client().search_registered_models() else []
+    code, summary = run(
+        "validate.min_pairs_per_split=100000", "train.seed=123", json_path=project / "bad.json"
+    )
+    assert code == 1 and summary is None
+    err = capsys.readouterr().err
+    assert "stage validate failed" in err and "report kept at" in err
+    assert (project / "reports" / "validation" / "report.json").exists()
+    # nothing trained (train.seed=123 is a config no run used), nothing registered
+    trained = [p for p in (project / "outputs" / "runs").glob("*/train/result.json")]
+    assert all(json.loads(p.read_text())["steps"] == 4 for p in trained)
+    assert len(trained) <= 1
+    assert (versions() if client().search_registered_models() else []) == registered
+    new = [
+        r
+        for r in client().search_runs([e.experiment_id for e in client().search_experiments()])
+        if r.info.run_id not in before
+    ]
+    assert len(new) == 1 and new[0].info.status == "FAILED"
+    assert new[0].data.tags["pipeline.failed_stage"] == "validate"
+    assert not any(k.startswith("eval/") for k in new[0].data.metrics)
+
+
+def test_bad_config_is_a_clear_error(project, capsys):
+    assert grpo("run", "--set", "train.method=grpo-fancy") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grpo run: error:") and "grpo-fancy" in err and "Traceback" not in err

@@ -152,6 +152,41 @@ def prefect_timings(prefect_home: Path) -> dict[str, Any]:
     return {"flow_runs": flow_runs, "task_runs": task_runs}
 
 
+def stage_name(task_run_name: str) -> str:
+    """Prefect names task runs ``<task>-<3 hex>``; keep the task's name."""
+    head, _, tail = task_run_name.rpartition("-")
+    return (
+        head
+        if head and len(tail) == 3 and all(c in "0123456789abcdef" for c in tail)
+        else task_run_name
+    )
+
+
+def optimizer_step_seconds(copy: Path) -> tuple[float, int] | None:
+    """Σ ``train/step_time_s`` and the number of steps from the run's training history CSV."""
+    import csv
+
+    files = sorted(copy.glob("outputs/runs/*/train/history.csv"))
+    if not files:
+        return None
+    total, steps = 0.0, 0
+    with files[-1].open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            value = row.get("train/step_time_s")
+            if value:
+                total += float(value)
+                steps += 1
+    return total, steps
+
+
+def import_seconds(copy: Path, env: dict[str, str]) -> float:
+    """Wall time of a bare interpreter importing what ``grpo run`` imports before the flow."""
+    code = "import flows.cli, flows.commands.run, flows.retrain, tasks.tracking, tasks.train"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
 def is_training(task_name: str, training_names: tuple[str, ...]) -> bool:
     name = task_name.lower()
     return any(t in name for t in training_names)
@@ -173,7 +208,7 @@ def analyse(
         train = is_training(t["name"], training_names)
         stages.append(
             {
-                "stage": t["name"],
+                "stage": stage_name(t["name"]),
                 "seconds": round(t["seconds"], 3),
                 "training": train,
                 "state": t["state"],
@@ -226,6 +261,15 @@ def run_once(
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         timings = prefect_timings(copy / ".prefect")
         result = analyse(wall_s, launch, exit_t, timings, training_names)
+        steps = optimizer_step_seconds(copy)
+        if steps:
+            result["optimizer_steps_s"], result["optimizer_steps"] = steps
+            # inside the train task but not optimizer steps: tokenizer, model, reference
+            # log-probs, validation passes, per-step metric logging, checkpoints, saving
+            result["train_task_besides_steps_s"] = result["training_s"] - steps[0]
+        result["imports_s"] = import_seconds(copy, run_env(copy))
+        if "before_flow_s" in result:
+            result["prefect_start_s"] = result["before_flow_s"] - result["imports_s"]
         result["command"] = " ".join(["grpo", "run", *[f"--set {o}" for o in overrides]])
         result["summary_keys"] = sorted(summary)
         if isinstance(summary.get("timings"), dict):
@@ -238,8 +282,9 @@ def run_once(
 
 def format_table(result: dict[str, Any]) -> str:
     lines = ["| stage | seconds | training? |", "|---|---|---|"]
-    if "before_flow_s" in result:
-        lines.append(f"| start-up (imports, Prefect server) | {result['before_flow_s']:.1f} | no |")
+    if "prefect_start_s" in result:
+        lines.append(f"| start-up: interpreter and imports | {result['imports_s']:.1f} | no |")
+        lines.append(f"| start-up: Prefect's local server | {result['prefect_start_s']:.1f} | no |")
     for s in result["stages"]:
         lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['training'] else 'no'} |")
     if "flow_outside_tasks_s" in result:
@@ -248,6 +293,14 @@ def format_table(result: dict[str, Any]) -> str:
         )
         lines.append(f"| after the flow (exit) | {result['after_flow_s']:.1f} | no |")
     lines.append(f"| **wall time** | **{result['wall_s']:.1f}** | |")
+    if "optimizer_steps_s" in result:
+        lines.append("")
+        lines.append(
+            f"inside the train task: {result['optimizer_steps']} optimizer steps "
+            f"{result['optimizer_steps_s']:.1f} s; the rest (tokenizer, model, reference log-probs, "
+            f"validation, per-step metric logging, checkpoints) "
+            f"{result['train_task_besides_steps_s']:.1f} s"
+        )
     lines.append("")
     lines.append(
         f"outside training: {result['outside_training_s']:.1f} s "

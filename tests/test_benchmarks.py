@@ -124,3 +124,26 @@ def test_tiny_throughput_on_cpu_reports_both_methods():
         assert res[key]["tokens_per_s"] == pytest.approx(2 * 4 * 64 / res[key]["step_s"])
     assert res["parameters"] > res["body_parameters"] > 0
     assert torch.isfinite(torch.tensor(res["grdpo_over_dpo_time_per_step"]))
+
+
+def test_pipeline_split_by_stage():
+    from benchmarks import pipeline
+
+    assert pipeline.stage_name("train-600") == "train"
+    assert pipeline.stage_name("log-results-92a") == "log-results"
+    assert pipeline.stage_name("end-run") == "end-run"
+    timings = {
+        "flow_runs": [{"name": "retrain", "start": 110.0, "end": 150.0, "state": "COMPLETED"}],
+        "task_runs": [
+            {"name": "ingest-e78", "seconds": 2.0, "state": "COMPLETED"},
+            {"name": "train-600", "seconds": 30.0, "state": "COMPLETED"},
+            {"name": "register-2a3", "seconds": 3.0, "state": "COMPLETED"},
+        ],
+    }
+    # launched at 100, flow 110→150, process exit at 155: wall 55 s, 30 s of it training
+    out = pipeline.analyse(55.0, 100.0, 155.0, timings, ("train",))
+    assert out["training_s"] == 30.0 and out["outside_training_s"] == 25.0
+    assert out["before_flow_s"] == 10.0 and out["after_flow_s"] == 5.0
+    assert out["flow_outside_tasks_s"] == 40.0 - 35.0
+    assert not out["target_outside_training_le_20s"]
+    assert [s["stage"] for s in out["stages"] if s["training"]] == ["train"]

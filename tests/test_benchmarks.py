@@ -147,3 +147,16 @@ def test_pipeline_split_by_stage():
     assert out["flow_outside_tasks_s"] == 40.0 - 35.0
     assert not out["target_outside_training_le_20s"]
     assert [s["stage"] for s in out["stages"] if s["training"]] == ["train"]
+
+
+def test_prompt_once_probe_gives_the_trainers_log_probs():
+    """The probe behind the 'prompt once' proposal scores exactly what the trainer scores."""
+    from benchmarks.prefix_probe import shared_prompt_logps
+    from grpo.logprobs import collate_pairs, response_logps_fast
+
+    pairs = gpu_check.random_pairs(5, 12, 3, 512, seed=4, ragged=True)
+    lm = gpu_check.gpt2(gpu_check.Shape.tiny(), seed=0)
+    with torch.no_grad():
+        want = response_logps_fast(lm, **collate_pairs(pairs, 0).as_kwargs())
+        got = shared_prompt_logps(lm, pairs.prompt, pairs.chosen, pairs.rejected, 0)
+    assert torch.allclose(got, want, atol=1e-4)

@@ -319,19 +319,43 @@ def set_threads(n: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    """This process's peak resident set size so far, in MiB.
+
+    Reads ``VmHWM`` from ``/proc/self/status`` (the high-water mark of this program's own memory
+    map). ``getrusage``'s ``ru_maxrss`` is not used on Linux: it survives ``exec``, so a worker
+    started from a big parent would report at least the parent's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class StepClock:
-    """Wall-clock stamps at the end of each optimizer step (``perf_counter``)."""
+    """Stamps at the end of each optimizer step: wall clock (``perf_counter``) and this process's
+    CPU time (``process_time``, all its threads).
+
+    With one torch thread, CPU time per step is what the step costs on an idle core even when
+    other programs share the machine (the wall clock then also counts time spent waiting for a
+    core); with several threads it also counts their spin-waiting.
+    """
 
     def __init__(self) -> None:
-        self.start = time.perf_counter()
+        self.begin()
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
+
+    def begin(self) -> None:
+        self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
 
     def tick(self) -> None:
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
 
 
 def window_rates(
@@ -383,7 +407,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gib": round(mem_gb, 1),
-        "loadavg_1m_at_start": round(load[0], 2),
+        "loadavg_1m": round(load[0], 2),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),

@@ -31,4 +31,4 @@ export PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 mkdir -p "$(dirname "$out")"
 # 450 s for the Python part (its own budget stops new timed windows at 420 s): < 8 minutes in all.
-timeout 450 "$PYTHON" -m benchmarks.gpu_check --json "$out" "$@"
+timeout 450 "$PYTHON" -m benchmarks.gpu_check --json "$out" --compile "$@"

@@ -68,8 +68,8 @@ class Shape:
     batch_size: int = 32  # pairs per optimizer step (2 × that many sequences)
     groups: int = 5
     warmup_steps: int = 5
-    window_steps: int = 10
-    windows: int = 3  # per method, alternating DPO / GR-DPO
+    window_steps: int = 20
+    windows: int = 5  # per method, alternating DPO / GR-DPO
 
     @classmethod
     def tiny(cls) -> Shape:
@@ -154,14 +154,16 @@ def random_pairs(n: int, prompt_len: int, response_len: int, vocab: int, seed: i
     )
 
 
-def make_trainer(model, pairs, groups, k: int, method: str, batch: int, device, dtype: str, ref):
+def make_trainer(
+    model, pairs, groups, k: int, method: str, batch: int, device, dtype: str, ref, lr=1e-4
+):
     from grpo.trainer import PreferenceTrainer, TrainConfig
 
     cfg = TrainConfig(
         method=method,
         beta=0.1,
         eta_alpha=0.05,
-        lr=1e-4,
+        lr=lr,
         batch_size=batch,
         epochs=0,
         max_steps=10**9,
@@ -238,7 +240,9 @@ def check_against_cpu(device: str) -> dict[str, Any]:
     def after_one_step(dev: str, dtype: str) -> torch.Tensor:
         model = gpt2(shape, seed=0)
         ref = reference_logps(reference, pairs, n, "cpu", "float32")
-        tr = make_trainer(model, pairs, groups, k, "gr-dpo", n, dev, dtype, ref)
+        # a small lr: Adam's first step is ≈ lr·sign(g), so a near-zero gradient whose sign differs
+        # between devices moves that weight by up to 2·lr on one side only
+        tr = make_trainer(model, pairs, groups, k, "gr-dpo", n, dev, dtype, ref, lr=1e-5)
         tr.train_step(torch.arange(n))
         with torch.no_grad():
             batch = collate_pairs(pairs, 0)
@@ -279,9 +283,18 @@ def sync(device: str) -> None:
 
 
 def throughput(
-    shape: Shape, device: str, dtype: str, peak: float | None, deadline: float
+    shape: Shape,
+    device: str,
+    dtype: str,
+    peak: float | None,
+    deadline: float,
+    compile_decoder: bool = False,
 ) -> dict[str, Any]:
-    """Alternating timed windows of DPO and GR-DPO steps on the same model shape and data."""
+    """Alternating timed windows of DPO and GR-DPO steps on the same model shape and data.
+
+    ``compile_decoder``: ``torch.compile`` the decoder body in place (the trainer calls it
+    through ``get_decoder()``); the warm-up steps then include the compilation.
+    """
     cuda = torch.device(device).type == "cuda"
     prompt_len = shape.seq_len - shape.response_len
     n_pairs = shape.batch_size * 4
@@ -316,15 +329,21 @@ def throughput(
         trainers[key] = make_trainer(
             model, pairs, groups, shape.groups, method, shape.batch_size, device, dtype, ref
         )
+        if compile_decoder:
+            trainers[key].policy.get_decoder().compile(dynamic=False)
     gen = torch.Generator().manual_seed(0)
 
     def batch() -> torch.Tensor:
         return torch.randperm(n_pairs, generator=gen)[: shape.batch_size]
 
     per = {k: {"windows_s": [], "peak_mb": 0.0} for k in methods}
-    for tr in trainers.values():  # warm-up (allocator, kernels' autotuning)
-        for _ in range(shape.warmup_steps):
+    t0 = time.perf_counter()
+    for tr in trainers.values():  # warm-up (allocator, kernels' autotuning, compilation)
+        for _ in range(max(shape.warmup_steps, 2 if compile_decoder else 1)):
             tr.train_step(batch())
+    sync(device)
+    result["warmup_s"] = time.perf_counter() - t0
+    result["compiled"] = compile_decoder
     for w in range(shape.windows):
         order = list(methods) if w % 2 == 0 else list(methods)[::-1]
         for key in order:
@@ -411,7 +430,20 @@ def format_table(res: dict[str, Any]) -> str:
         f"check against the CPU path: {'ok' if res['check']['ok'] else 'FAILED'} "
         f"({sum(c['ok'] for c in res['check']['checks'])}/{len(res['check']['checks'])})"
     )
-    tp = res.get("throughput")
+    for label_key, title in (("throughput", "eager"), ("throughput_compiled", "torch.compile")):
+        tp = res.get(label_key)
+        if not tp:
+            continue
+        if "error" in tp:
+            lines.append(f"{title}: failed: {tp['error'][:300]}")
+            continue
+        lines.append(f"{title}:")
+        lines += _throughput_lines(tp)
+    return "\n".join(lines)
+
+
+def _throughput_lines(tp: dict[str, Any]) -> list[str]:
+    lines = []
     if tp:
         s = tp["shape"]
         lines.append(
@@ -430,7 +462,7 @@ def format_table(res: dict[str, Any]) -> str:
                 f"{r['pairs_per_s']:.1f} | {r['achieved_tflops']:.1f} | {mfu} | {mfu_all} |"
             )
         lines.append(f"GR-DPO / DPO time per step: {tp['grdpo_over_dpo_time_per_step']:.3f}")
-    return "\n".join(lines)
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     p.add_argument("--peak-tflops", type=float, help="the card's bf16 dense peak, if not known")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting windows after this")
+    p.add_argument(
+        "--compile", action="store_true", help="also time with the decoder torch.compile'd"
+    )
     p.add_argument("--skip-check", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -504,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_flops(name, args.peak_tflops) if cuda else None
     deadline = start + args.budget_s
     res["throughput"] = throughput(shape, device, args.dtype, peak, deadline)
+    if args.compile and time.perf_counter() < deadline - 120:
+        try:
+            res["throughput_compiled"] = throughput(
+                shape, device, args.dtype, peak, deadline, compile_decoder=True
+            )
+        except Exception as exc:  # report, keep the eager numbers
+            res["throughput_compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     if cuda and time.perf_counter() < deadline:
         res["memory_alone"] = single_peak_memory(shape, device, args.dtype)
     res["total_s"] = time.perf_counter() - start

@@ -59,6 +59,7 @@ def test_throughput_summary_ratios_and_targets():
     def run(rates, peak, loss=LOG2):
         return {
             "window_pairs_per_s": rates,
+            "window_pairs_per_cpu_s": [2 * x for x in rates],
             "peak_rss_mb": peak,
             "rss_after_imports_mb": 100.0,
             "first_step_loss": loss,
@@ -76,10 +77,14 @@ def test_throughput_summary_ratios_and_targets():
     assert s["ratios"]["grdpo_over_trl_speed"] == pytest.approx(23 / 11)
     assert s["ratios"]["grdpo_over_trl_peak_mb"] == pytest.approx(0.7)
     assert s["ratios"]["grdpo_over_dpo_time_per_pair"] == pytest.approx(24 / 23)
+    assert s["grdpo_pairs_per_cpu_s"] == 46.0
+    assert s["ratios"]["grdpo_over_trl_speed_cpu_time"] == pytest.approx(23 / 11)
     assert s["targets"] == {
         "grdpo_speed_ge_2x_trl": True,
+        "grdpo_speed_ge_2x_trl_cpu_time": True,
         "grdpo_peak_le_0.8x_trl": True,
         "grdpo_time_per_pair_le_1.03x_dpo": False,  # 24/23 = 1.043
+        "grdpo_time_per_pair_le_1.03x_dpo_cpu_time": False,
     }
     assert s["first_step_losses_agree"] and s["reference_logps_max_abs_diff"] == 0.0
     runs["dpo"][0]["first_step_loss"] = 0.7

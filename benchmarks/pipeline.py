@@ -225,10 +225,14 @@ def analyse(
         out["flow_s"] = last - first
         out["after_flow_s"] = exit_t - last  # summary, shutting the server down
         out["flow_outside_tasks_s"] = out["flow_s"] - tasks_s  # orchestration between tasks
+    evaluate_s = sum(s["seconds"] for s in stages if s["stage"] == "evaluate")
     out["training_s"] = training_s
+    out["evaluate_s"] = evaluate_s
     out["outside_training_s"] = wall_s - training_s
     out["outside_training_share"] = (wall_s - training_s) / wall_s if wall_s else float("nan")
-    out["target_outside_training_le_20s"] = out["outside_training_s"] <= TARGET_OVERHEAD_S
+    # orchestration, tracking, validation, DVC: neither training nor the model's evaluation
+    out["overhead_s"] = wall_s - training_s - evaluate_s
+    out["target_overhead_le_20s"] = out["overhead_s"] <= TARGET_OVERHEAD_S
     return out
 
 
@@ -304,9 +308,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"outside training: {result['outside_training_s']:.1f} s "
-        f"({100 * result['outside_training_share']:.0f}% of the wall time); "
-        f"target ≤ {TARGET_OVERHEAD_S:.0f} s: "
-        f"{'met' if result['target_outside_training_le_20s'] else 'MISSED'}"
+        f"({100 * result['outside_training_share']:.0f}% of the wall time), of which evaluation "
+        f"{result['evaluate_s']:.1f} s; orchestration + tracking + validation + DVC: "
+        f"{result['overhead_s']:.1f} s, target ≤ {TARGET_OVERHEAD_S:.0f} s: "
+        f"{'met' if result['target_overhead_le_20s'] else 'MISSED'}"
     )
     return "\n".join(lines)
 
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_once(args.overrides, args.keep, args.timeout, training_names)
         print(
             f"[{i + 1}/{args.repeats}] wall {res['wall_s']:.1f} s, "
-            f"outside training {res['outside_training_s']:.1f} s",
+            f"outside training {res['outside_training_s']:.1f} s, overhead {res['overhead_s']:.1f} s",
             file=sys.stderr,
         )
         runs.append(res)
@@ -347,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         training_s=best["training_s"],
         outside_training_s=best["outside_training_s"],
         outside_training_share=best["outside_training_share"],
+        overhead_s=best["overhead_s"],
         target_outside_training_s=TARGET_OVERHEAD_S,
     )
     print(format_table(best))

@@ -142,15 +142,20 @@ def test_pipeline_split_by_stage():
         "task_runs": [
             {"name": "ingest-e78", "seconds": 2.0, "state": "COMPLETED"},
             {"name": "train-600", "seconds": 30.0, "state": "COMPLETED"},
+            {"name": "evaluate-d4e", "seconds": 5.0, "state": "COMPLETED"},
             {"name": "register-2a3", "seconds": 3.0, "state": "COMPLETED"},
         ],
     }
-    # launched at 100, flow 110→150, process exit at 155: wall 55 s, 30 s of it training
+    # launched at 100, flow 110→150, process exit at 155: wall 55 s, 30 s of it training and
+    # 5 s evaluating: 25 s outside training, 20 s of orchestration/tracking/validation/DVC
     out = pipeline.analyse(55.0, 100.0, 155.0, timings, ("train",))
     assert out["training_s"] == 30.0 and out["outside_training_s"] == 25.0
     assert out["before_flow_s"] == 10.0 and out["after_flow_s"] == 5.0
-    assert out["flow_outside_tasks_s"] == 40.0 - 35.0
-    assert not out["target_outside_training_le_20s"]
+    assert out["flow_outside_tasks_s"] == 40.0 - 40.0
+    assert out["evaluate_s"] == 5.0 and out["overhead_s"] == 20.0
+    assert out["target_overhead_le_20s"]
+    out = pipeline.analyse(56.0, 100.0, 156.0, timings, ("train",))
+    assert out["overhead_s"] == 21.0 and not out["target_overhead_le_20s"]
     assert [s["stage"] for s in out["stages"] if s["training"]] == ["train"]
 
 

@@ -31,7 +31,7 @@ class RegisterConfig:
     experiment: str = "grpo"  # MLflow experiment of the retraining runs
     model_name: str = "grpo-policy"  # registered model name
     metric: str = "reward_accuracy"  # gate metric: reward_accuracy | logprob_accuracy
-    min_worst_group_accuracy: float = 0.5  # register only if the worst group reaches this
+    min_worst_group_accuracy: float = 0.6  # register only if the worst group reaches this
     champion_margin: float = 0.0  # champion moves iff worst group >= champion's + margin
     log_model: bool = True  # log the policy as an MLflow model (needed to register)
 

@@ -20,8 +20,6 @@ import pytest
 
 from tests.test_pipeline_e2e import SMALL
 
-pytestmark = pytest.mark.slow
-
 BIN = Path(sys.executable).parent
 CRON = "0 3 * * 1"
 
@@ -78,6 +76,7 @@ def stop(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_serve_schedules_and_runs_one_retrain(tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -136,3 +135,18 @@ def test_serve_schedules_and_runs_one_retrain(tmp_path):
     assert runs[0].data.tags["gate.decision"] == "passed"
     assert "eval/worst_group/reward_accuracy" in runs[0].data.metrics
     assert client.get_registered_model("grpo-policy").aliases == {"challenger": 1, "champion": 1}
+
+
+def test_prefect_yaml_deployment_points_at_the_flow():
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    flow = load_flow_from_entrypoint(str(root / deployment["entrypoint"]))
+    assert flow.name == "retrain"
+    assert set(deployment["parameters"]) <= set(flow.parameters.properties)
+    for schedule in deployment["schedules"]:
+        CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises when invalid

@@ -64,18 +64,31 @@ def parse_method(name: str) -> Method:
 
 
 def group_sums(values: torch.Tensor, group_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Σ of ``values`` (B,) per group id in ``group_idx`` (B,) → (K,)."""
-    out = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
-    return out.index_add(0, group_idx, values)
+    """Σ of ``values`` (..., B) per group id in ``group_idx`` → (..., K).
+
+    ``group_idx`` is (B,) (one grouping shared by every leading index) or any shape that
+    broadcasts against ``values`` (e.g. (S, 1, B): one grouping per batched data set).
+    """
+    if values.ndim == 1 and group_idx.ndim == 1:
+        out = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+        return out.index_add(0, group_idx, values)
+    out = values.new_zeros((*values.shape[:-1], num_groups))
+    return out.scatter_add_(-1, group_idx.expand(values.shape), values)
 
 
 def group_counts(group_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Number of pairs per group → (K,) float."""
-    return torch.bincount(group_idx, minlength=num_groups).to(torch.float64)
+    """Number of pairs per group → (K,) float64; for ``group_idx`` (..., B) → (..., K)."""
+    if group_idx.ndim == 1:
+        return torch.bincount(group_idx, minlength=num_groups).to(torch.float64)
+    ones = torch.ones(group_idx.shape, dtype=torch.float64, device=group_idx.device)
+    return group_sums(ones, group_idx, num_groups)
 
 
 def group_means(values: torch.Tensor, group_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Mean of ``values`` per group → (K,); NaN for a group with no pairs."""
+    """Mean of ``values`` (..., B) per group → (..., K); NaN for a group with no pairs.
+
+    ``group_idx`` as in :func:`group_sums`.
+    """
     counts = group_counts(group_idx, num_groups).to(values.dtype)
     sums = group_sums(values, group_idx, num_groups)
     return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
@@ -119,16 +132,35 @@ def mirror_ascent_step(alpha: torch.Tensor, group_losses: torch.Tensor, eta: flo
     return torch.softmax(logits, dim=-1)
 
 
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Broadcast two shapes (plain Python: ``torch.broadcast_shapes`` costs ~10 µs a call)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b, strict=False)):
+        raise ValueError(f"shapes {a} and {b} do not broadcast")
+    return tuple(max(x, y) for x, y in zip(a, b, strict=False))
+
+
 def pair_coefficients(
     group_weights: torch.Tensor,
     group_idx: torch.Tensor,
     group_sizes: torch.Tensor,
     batch_pairs: int | float,
 ) -> torch.Tensor:
-    """c_i = N w_{g(i)} / (B N_{g(i)}) (B,): Σ_i c_i ℓ_i = Σ_g w_g L̂_g."""
+    """c_i = N w_{g(i)} / (B N_{g(i)}) (B,): Σ_i c_i ℓ_i = Σ_g w_g L̂_g.
+
+    Batched: ``group_weights`` (..., K), ``group_sizes`` (K,) or broadcastable (..., K) and
+    ``group_idx`` (B,) or broadcastable (..., B) give (..., B), one row of coefficients per run.
+    A full batch (B = N) gives c_i = w_{g(i)} / N_{g(i)}.
+    """
     sizes = group_sizes.to(torch.float64)
-    per_group = group_weights.to(torch.float64) * sizes.sum() / (float(batch_pairs) * sizes)
-    return per_group[group_idx]
+    weights = group_weights.to(torch.float64)
+    per_group = weights * sizes.sum(-1, keepdim=True) / (float(batch_pairs) * sizes)
+    if per_group.ndim == 1 and group_idx.ndim == 1:
+        return per_group[group_idx]
+    lead = _broadcast(tuple(per_group.shape[:-1]), tuple(group_idx.shape[:-1]))
+    per_group = per_group.expand((*lead, per_group.shape[-1]))
+    return per_group.gather(-1, group_idx.expand((*lead, group_idx.shape[-1])))
 
 
 def robust_objective(group_losses: torch.Tensor, group_weights: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""MLflow for the synthetic sweep: one run per (scenario, method) in one experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "grpo-synthetic"
+
+
+def log_sweep(
+    summary: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    root: str | Path = ".",
+    experiment: str = EXPERIMENT,
+) -> list[str]:
+    """Log every (scenario, method) of a sweep summary (``grpo.synthetic.report.summarise``) as a
+    finished MLflow run: config and hyperparameters as params, the mean worst-group validation
+    curve as ``val/worst_group_loss`` by step, converged metrics, and the scenario's PNG.
+    Returns the run ids."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from grpo.synthetic.runner import SCENARIOS
+    from tasks.tracking import client, setup
+
+    _, experiment_id = setup(root, experiment)
+    mlflow_client = client()
+    config = summary["config"]
+    run_ids = []
+    for name, sc in summary["scenarios"].items():
+        scenario = SCENARIOS[name]
+        for method, r in sc["methods"].items():
+            hyper = scenario.hyper("dpo" if method.endswith("dpo") else "ipo")
+            run = mlflow_client.create_run(experiment_id, run_name=f"{name}/{method}")
+            run_id = run.info.run_id
+            params = {
+                "scenario": name,
+                "method": method,
+                "seeds": sc["seeds"],
+                "iterations": sc["iterations"],
+                "eta_theta": hyper.eta_theta,
+                "beta": hyper.beta,
+                "eta_alpha": hyper.eta_alpha if method.startswith("gr-") else 0.0,
+                **{
+                    f"config.{k}": v for k, v in config.items() if k not in ("scenarios", "methods")
+                },
+            }
+            metrics = [
+                Metric("val/worst_group_loss", float(v), 0, int(step))
+                for step, v in r["worst_group_val_loss_curve"]
+            ]
+            final = {
+                "eval/worst_group/loss": r["worst_group_val_loss"]["mean"],
+                "eval/worst_group/loss_sem": r["worst_group_val_loss"]["sem"],
+                "eval/max_reward_error": r["max_reward_error"]["mean"],
+                "eval/max_reward_error_sem": r["max_reward_error"]["sem"],
+            }
+            for g, w in enumerate(r["final_group_weights"]):
+                final[f"train/group_weight/{g}"] = w
+            for g, e in enumerate(r["group_reward_error"]):
+                final[f"eval/group/{g}/reward_error"] = e["mean"]
+            for g, e in enumerate(r["group_val_loss"]):
+                final[f"eval/group/{g}/loss"] = e["mean"]
+            metrics += [Metric(k, float(v), 0, sc["iterations"]) for k, v in final.items()]
+            for start in range(0, len(metrics), 500):
+                mlflow_client.log_batch(run_id, metrics=metrics[start : start + 500])
+            mlflow_client.log_batch(
+                run_id,
+                params=[Param(k, str(v)) for k, v in params.items()],
+                tags=[RunTag("grpo.kind", "synthetic"), RunTag("grpo.scenario", name)],
+            )
+            png = Path(out_dir) / f"{name}.png"
+            if png.exists():
+                mlflow_client.log_artifact(run_id, str(png), "plots")
+            mlflow_client.set_terminated(run_id, "FINISHED")
+            run_ids.append(run_id)
+    return run_ids

@@ -43,7 +43,10 @@ def train(
         read_pairs(pairs_path), model_cfg, train_cfg, out_dir, log_fn=log_fn, resume=resume
     )
     history = [dict(h) for h in result.history]
-    history_path = write_history(history, out_dir / HISTORY_FILE)
+    history_path = out_dir / HISTORY_FILE
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files
+    if rank0:
+        write_history(history, history_path)
     summary = {
         "out_dir": str(out_dir),
         "model_dir": str(result.model_dir),
@@ -57,7 +60,8 @@ def train(
         "best": dict(result.best),
         "history_path": str(history_path),
     }
-    _write_json(out_dir / RESULT_FILE, summary)
+    if rank0:
+        _write_json(out_dir / RESULT_FILE, summary)
     return {**summary, "history": history}
 
 

@@ -88,7 +88,10 @@ def main(args: argparse.Namespace) -> int:
         report = getattr(exc.cause, "result", None)
         if isinstance(report, dict) and report.get("report_path"):  # DataValidationError
             print(f"grpo run: error: stage {exc.stage} failed:\n{exc.cause}", file=sys.stderr)
-            print(f"grpo run: nothing was trained or registered; report kept at {report['report_path']}", file=sys.stderr)
+            print(
+                f"grpo run: nothing was trained or registered; report kept at {report['report_path']}",
+                file=sys.stderr,
+            )
         else:
             print(f"grpo run: error: {exc} (grpo run -v shows the traceback)", file=sys.stderr)
         return 1
@@ -168,8 +171,9 @@ def format_summary(s: dict[str, Any]) -> str:
         + (" (cached)" if s["train"]["cached"] else ""),
         "",
         f"per-group evaluation on the {ev['split']} split ({ev['pairs']} pairs):",
-        f"  {'group':<24}" + "".join(f"{m:>18}" for m in metrics),
     ]
+    width = max([24, *(len(str(r["group"])) + 2 for r in ev["per_group"])])
+    lines.append(f"  {'group':<{width}}" + "".join(f"{m:>18}" for m in metrics))
     for row in ev["per_group"]:
         cells = "".join(
             f"{row.get(m, float('nan')):>18.0f}"
@@ -177,10 +181,10 @@ def format_summary(s: dict[str, Any]) -> str:
             else f"{row.get(m, float('nan')):>18.4f}"
             for m in metrics
         )
-        lines.append(f"  {row['group']:<24}{cells}")
+        lines.append(f"  {row['group']:<{width}}{cells}")
     ov = ev["overall"]
     lines.append(
-        f"  {'overall':<24}"
+        f"  {'overall':<{width}}"
         + "".join(
             f"{ov.get(m, float('nan')):>18.0f}"
             if m == "pairs"

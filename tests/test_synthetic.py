@@ -305,3 +305,37 @@ def test_cli_mlflow_logs_one_run_per_scenario_and_method(tmp_path, monkeypatch):
     )
     history = client.get_metric_history(run.info.run_id, "val/worst_group_loss")
     assert [m.step for m in history] == [0, 100]
+
+
+def test_group_moment_forms_equal_the_per_pair_ipo_functions():
+    from grpo.groups import group_means
+    from grpo.synthetic.policy import group_moments, ipo_closed_form_grouped, ipo_group_losses
+
+    gen = torch.Generator().manual_seed(3)
+    d = torch.randn(2, 40, 4, generator=gen, dtype=torch.float64)
+    idx = torch.randint(0, 2, (2, 40), generator=gen)
+    sizes = torch.stack([torch.bincount(i, minlength=2) for i in idx]).double().unsqueeze(1)
+    theta = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    gram, sums = group_moments(d, idx, 2)
+    per_pair = group_means(
+        ipo_loss(margins(theta, d.transpose(1, 2).contiguous()), 0.1), idx.unsqueeze(1), 2
+    )
+    torch.testing.assert_close(ipo_group_losses(theta, gram, sums, sizes, 0.1), per_pair)
+    w = torch.softmax(torch.randn(2, 3, 2, generator=gen, dtype=torch.float64), -1)
+    grouped = ipo_closed_form_grouped(
+        gram, sums, pair_coefficients(w, torch.arange(2), sizes, 40), 0.1, 0.5
+    )
+    pairwise = ipo_closed_form(d, pair_coefficients(w, idx.unsqueeze(1), sizes, 40), 0.1, 0.5)
+    torch.testing.assert_close(grouped, pairwise)
+
+
+def test_float32_sweep_agrees_with_float64():
+    base = SyntheticConfig(seeds=2, iterations=300)
+    a = run_sweep(base)
+    b = run_sweep(SyntheticConfig(seeds=2, iterations=300, dtype="float32"))
+    for name, sc in a.scenarios.items():
+        for m, r in sc.methods.items():
+            other = b.scenarios[name].methods[m]
+            torch.testing.assert_close(
+                other.val_group_loss.double(), r.val_group_loss, rtol=1e-4, atol=1e-4
+            )

@@ -75,3 +75,50 @@ def ipo_closed_form(
         gram = gram + ridge * torch.eye(gram.shape[-1], dtype=gram.dtype)
     rhs = weighted.sum(-2)  # (S, M, d)
     return torch.linalg.solve(gram, rhs) / (2.0 * beta)
+
+
+def group_moments(
+    delta_phi: torch.Tensor, group_idx: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group sufficient statistics of the IPO objective: G_g = Σ_{i∈g} Δφ_i Δφ_iᵀ and
+    s_g = Σ_{i∈g} Δφ_i. delta_phi (S, N, d), group_idx (S, N) → (S, K, d, d), (S, K, d)."""
+    onehot = torch.nn.functional.one_hot(group_idx, num_groups).to(delta_phi.dtype)  # (S, N, K)
+    gram = torch.einsum("snk,snd,sne->skde", onehot, delta_phi, delta_phi)
+    return gram, onehot.transpose(1, 2) @ delta_phi
+
+
+def ipo_group_losses(
+    theta: torch.Tensor,
+    gram: torch.Tensor,
+    sums: torch.Tensor,
+    sizes: torch.Tensor,
+    beta: torch.Tensor | float,
+) -> torch.Tensor:
+    """L_g(θ) = (1/N_g) Σ_{i∈g} (θᵀΔφ_i − 1/(2β))², exactly, from the group moments:
+
+    L_g = (θᵀG_gθ − θᵀs_g / β + N_g / (4β²)) / N_g. theta (S, M, d), gram (S, K, d, d),
+    sums (S, K, d), sizes (S, 1, K), beta float or (S, M, 1) → (S, M, K).
+    """
+    s, k, d = sums.shape
+    g_theta = theta @ gram.permute(0, 2, 1, 3).reshape(s, d, k * d)  # (S, M, K·d): (G_g θ)ᵀ
+    quad = (g_theta.view(s, -1, k, d) * theta.unsqueeze(2)).sum(-1)
+    lin = theta @ sums.transpose(1, 2)
+    return (quad - lin / beta) / sizes + 0.25 / (beta * beta)
+
+
+def ipo_closed_form_grouped(
+    gram: torch.Tensor,
+    sums: torch.Tensor,
+    group_coef: torch.Tensor,
+    beta: torch.Tensor | float,
+    ridge: float = 0.0,
+) -> torch.Tensor:
+    """:func:`ipo_closed_form` when the pair coefficients are constant within a group (c_i =
+    c_{g(i)}, as for group weights): Σ_i c_i Δφ_i Δφ_iᵀ = Σ_g c_g G_g and Σ_i c_i Δφ_i = Σ_g c_g s_g.
+    group_coef (S, M, K) → θ (S, M, d)."""
+    s, k, d = sums.shape
+    a = (group_coef @ gram.reshape(s, k, d * d)).view(*group_coef.shape[:2], d, d)
+    if ridge:
+        a = a + ridge * torch.eye(d, dtype=a.dtype)
+    rhs = group_coef @ sums
+    return torch.linalg.solve(a, rhs) / (2.0 * beta)

@@ -50,7 +50,14 @@ from grpo.synthetic.env import (
     features,
     make_dataset,
 )
-from grpo.synthetic.policy import dpo_gradient, ipo_closed_form, margins, policy_logits
+from grpo.synthetic.policy import (
+    dpo_gradient,
+    group_moments,
+    ipo_closed_form_grouped,
+    ipo_group_losses,
+    margins,
+    policy_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class SyntheticConfig:
     chi: float = 1.0
     ridge: float = 0.0  # λ of the closed-form IPO solve
     threads: int = 1  # torch intra-op threads while sweeping (tiny tensors: 1 is fastest)
+    dtype: str = "float64"  # "float32" halves the per-pair arithmetic (results agree to ~1e-5)
 
     def __post_init__(self) -> None:
         self.scenarios = tuple(self.scenarios)
@@ -137,6 +145,8 @@ class SyntheticConfig:
             raise ValueError(f"iterations must be >= 0 (0 = the paper's), got {self.iterations}")
         if not 0.0 <= self.chi <= 1.0:
             raise ValueError(f"chi must be in [0, 1], got {self.chi}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
 
@@ -259,6 +269,25 @@ def _run_all(
     alpha = torch.cat([_initial_weights(m, sizes) for m in cols], dim=1)  # (S, M, K)
     coef = pair_coefficients(weights_of(alpha, r0, r1, cfg.chi), g_train, sizes, n_pairs)
     theta = torch.stack([ds.theta0 for ds in datasets]).unsqueeze(1).repeat(1, n_cols, 1)
+    gram, sums = group_moments(d_train, g_train.squeeze(1), k)
+    dt = getattr(torch, cfg.dtype)
+    d_train, d_train_t, d_val_t = d_train.to(dt), d_train_t.to(dt), d_val_t.to(dt)
+    theta, coef, beta, eta_theta = theta.to(dt), coef.to(dt), beta.to(dt), eta_theta.to(dt)
+    gram, sums = gram.to(dt), sums.to(dt)
+    state = {
+        "d": d_train,
+        "d_t": d_train_t,
+        "g": g_train,
+        "sizes": sizes,
+        "gram": gram,
+        "sums": sums,
+        "theta": theta,
+        "coef": coef,
+        "beta": beta,
+        "alpha": alpha,
+        "eta_theta": eta_theta,
+        "eta_alpha": eta_alpha,
+    }
 
     def val_group_losses(start: int) -> torch.Tensor:
         h = margins(theta[start:], d_val_t[start:])
@@ -283,22 +312,7 @@ def _run_all(
     for t in range(total + 1):
         if start != pending[0].start:
             start = pending[0].start
-            v = _Views(
-                theta,
-                alpha,
-                coef,
-                beta,
-                eta_theta,
-                eta_alpha,
-                d_train,
-                d_train_t,
-                g_train,
-                sizes,
-                start,
-                n_dpo,
-                r0,
-                r1,
-            )
+            v = _Views(state, start, n_dpo, r0, r1)
         if t in to_record:
             records.append((t, start, val_group_losses(start)))
             tick(t)
@@ -340,55 +354,58 @@ def weights_of(alpha: torch.Tensor, r0: int, r1: int, chi: float) -> torch.Tenso
 class _Views:
     """Slices of the batch state for the active data sets [start:], made once per batch change."""
 
-    def __init__(
-        self, theta, alpha, coef, beta, eta_theta, eta_alpha, d, d_t, g, sizes, start, n_dpo, r0, r1
-    ):
-        self.d, self.d_t, self.g, self.sizes = d[start:], d_t[start:], g[start:], sizes[start:]
-        th, co, be = theta[start:], coef[start:], beta[start:]
+    def __init__(self, state: dict[str, torch.Tensor], start: int, n_dpo: int, r0: int, r1: int):
+        st = {k: v[start:] for k, v in state.items()}
         self.n_dpo, self.r0, self.r1 = n_dpo, r0, r1
-        self.theta_margin = th[:, :r1]  # runs whose training margins every step needs
+        self.d, self.d_t, self.g, self.sizes = st["d"], st["d_t"], st["g"], st["sizes"]
+        self.gram, self.sums = st["gram"], st["sums"]
+        th, co, be, al = st["theta"], st["coef"], st["beta"], st["alpha"]
         self.theta_dpo, self.coef_dpo, self.beta_dpo = th[:, :n_dpo], co[:, :n_dpo], be[:, :n_dpo]
-        self.eta_theta_dpo = eta_theta[start:, :n_dpo]
-        self.alpha_rob, self.coef_rob, self.eta_alpha_rob = (
-            alpha[start:, r0:r1],
-            co[:, r0:r1],
-            eta_alpha[start:, r0:r1],
-        )
-        self.beta_dpo_rob = be[:, r0:n_dpo]
-        self.theta_ipo_rob, self.coef_ipo_rob, self.beta_ipo_rob = (
-            th[:, n_dpo:r1],
-            co[:, n_dpo:r1],
-            be[:, n_dpo:r1],
-        )
-        self.theta_ipo_fixed, self.coef_ipo_fixed, self.beta_ipo_fixed = (
-            th[:, r1:],
-            co[:, r1:],
-            be[:, r1:],
-        )
+        self.eta_theta_dpo = st["eta_theta"][:, :n_dpo]
+        self.alpha_rob, self.eta_alpha_rob = al[:, r0:r1], st["eta_alpha"][:, r0:r1]
+        self.coef_dpo_rob, self.beta_dpo_rob = co[:, r0:n_dpo], be[:, r0:n_dpo]
+        self.theta_ipo_rob, self.beta_ipo_rob = th[:, n_dpo:r1], be[:, n_dpo:r1]
+        self.theta_ipo_fixed, self.beta_ipo_fixed = th[:, r1:], be[:, r1:]
+        self.weights_ipo_fixed = al[:, r1:]  # fixed-weight columns keep w in α (η_α = 0)
+
+
+_GROUP_IDS = torch.arange(NUM_GROUPS)
 
 
 def _step(v: _Views, t: int, n_pairs: int, cfg: SyntheticConfig) -> None:
-    """One step of Algorithm 1 for every active run, in place: α first, then θ with the new α."""
-    h = margins(v.theta_margin, v.d_t)  # (S, r1, N)
+    """One step of Algorithm 1 for every active run, in place: α first, then θ with the new α.
+
+    DPO runs: per-pair losses from the margins h = θᵀΔφ, gradient step. IPO runs: the group losses
+    and the closed form come from the group moments (exact; the IPO loss is quadratic in θ).
+    """
+    n_dpo_rob = v.n_dpo - v.r0
+    h = margins(v.theta_dpo, v.d_t) if v.n_dpo else None  # (S, n_dpo, N)
     if v.r1 > v.r0:
         parts = []
-        if v.n_dpo > v.r0:
-            parts.append(dpo_loss(h[:, v.r0 : v.n_dpo], v.beta_dpo_rob))
+        if n_dpo_rob:
+            pair = dpo_loss(h[:, v.r0 :], v.beta_dpo_rob)
+            parts.append(group_sums(pair, v.g, NUM_GROUPS) / v.sizes)  # full batch: group means
         if v.r1 > v.n_dpo:
-            parts.append(ipo_loss(h[:, v.n_dpo :], v.beta_ipo_rob))
-        pair = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        group_loss = group_sums(pair, v.g, NUM_GROUPS) / v.sizes  # full batch: plain group means
+            parts.append(ipo_group_losses(v.theta_ipo_rob, v.gram, v.sums, v.sizes, v.beta_ipo_rob))
+        group_loss = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         v.alpha_rob.copy_(mirror_ascent_step(v.alpha_rob, group_loss, v.eta_alpha_rob))
-        v.coef_rob.copy_(
-            pair_coefficients(mix_weights(v.alpha_rob, cfg.chi), v.g, v.sizes, n_pairs)
-        )
+        weights = mix_weights(v.alpha_rob, cfg.chi)
+        if n_dpo_rob:
+            v.coef_dpo_rob.copy_(pair_coefficients(weights[:, :n_dpo_rob], v.g, v.sizes, n_pairs))
+        if v.r1 > v.n_dpo:
+            group_coef = pair_coefficients(weights[:, n_dpo_rob:], _GROUP_IDS, v.sizes, n_pairs)
+            group_coef = group_coef.to(v.gram.dtype)
+            v.theta_ipo_rob.copy_(
+                ipo_closed_form_grouped(v.gram, v.sums, group_coef, v.beta_ipo_rob, cfg.ridge)
+            )
     if v.n_dpo:
-        grad = dpo_gradient(h[:, : v.n_dpo], v.d, v.coef_dpo, v.beta_dpo)
-        v.theta_dpo.sub_(v.eta_theta_dpo * grad)
-    if v.r1 > v.n_dpo:
-        v.theta_ipo_rob.copy_(ipo_closed_form(v.d, v.coef_ipo_rob, v.beta_ipo_rob, cfg.ridge))
+        v.theta_dpo.sub_(v.eta_theta_dpo * dpo_gradient(h, v.d, v.coef_dpo, v.beta_dpo))
     if t == 0 and v.theta_ipo_fixed.shape[1]:  # fixed weights: one solve gives the optimum
-        v.theta_ipo_fixed.copy_(ipo_closed_form(v.d, v.coef_ipo_fixed, v.beta_ipo_fixed, cfg.ridge))
+        group_coef = pair_coefficients(v.weights_ipo_fixed, _GROUP_IDS, v.sizes, n_pairs)
+        group_coef = group_coef.to(v.gram.dtype)
+        v.theta_ipo_fixed.copy_(
+            ipo_closed_form_grouped(v.gram, v.sums, group_coef, v.beta_ipo_fixed, cfg.ridge)
+        )
 
 
 def reward_errors(

@@ -129,7 +129,8 @@ def test_serve_schedules_and_runs_one_retrain(tmp_path):
     # the scheduled run went through the whole pipeline: a finished MLflow run, a champion
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["gate.decision"] == "passed"

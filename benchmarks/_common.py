@@ -65,7 +65,7 @@ class BenchSettings:
     warmup_steps: int = 3
     window_steps: int = 8
     windows: int = 5
-    threads: int = 2
+    threads: int = 1  # 1: CPU time per step is then load-independent (see StepClock)
     seed: int = 0
 
     def __post_init__(self) -> None:

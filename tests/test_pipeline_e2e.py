@@ -219,3 +219,15 @@ def test_bad_config_is_a_clear_error(project, capsys):
     assert grpo("run", "--set", "train.method=grpo-fancy") == 2
     err = capsys.readouterr().err
     assert err.startswith("grpo run: error:") and "grpo-fancy" in err and "Traceback" not in err
+
+
+def test_failed_training_is_one_line_and_registers_nothing(project, capsys):
+    registered = versions() if client().search_registered_models() else []
+    code, summary = run("train.batch_size=4096", json_path=project / "bad-train.json")
+    assert code == 1 and summary is None
+    err = capsys.readouterr().err
+    assert "stage train failed" in err and "batch_size 4096" in err and "Traceback" not in err
+    assert (versions() if client().search_registered_models() else []) == registered
+    experiments = [e.experiment_id for e in client().search_experiments()]
+    latest = client().search_runs(experiments, order_by=["start_time DESC"], max_results=1)[0]
+    assert latest.info.status == "FAILED" and latest.data.tags["pipeline.failed_stage"] == "train"

@@ -174,9 +174,10 @@ def load_model(cfg: ModelConfig, tokenizer, *, path: str | Path | None = None) -
 
     source = str(path) if path is not None else cfg.name_or_path
     if source:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-        )
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+            )
     else:
         config = _config_from_dict(cfg.config, tokenizer)
         with _seeded(cfg.init_seed):
@@ -245,7 +246,8 @@ def load_pretrained(path: str | Path, device: str = "auto"):
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no saved model here (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

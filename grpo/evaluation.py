@@ -1,0 +1,192 @@
+"""Per-group evaluation of a preference-trained policy (paper §5.2 metrics).
+
+For every group and overall: the preference loss, the **reward accuracy** (share of pairs whose
+implicit reward β(log π − log π_ref) is strictly higher for y_w than for y_l), the **log-prob
+accuracy** (share with log π(y_w|x) > log π(y_l|x)), the mean reward margin β·h and the number of
+pairs; then the worst group for each metric (max loss, min of the others) and the gap between the
+best and the worst group. :func:`flatten_metrics` names them as ``docs/architecture.md`` says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from grpo.logprobs import SequenceScorer, encode_pairs, score_pairs
+from grpo.losses import pair_losses, reward_margin
+
+METRICS: tuple[str, ...] = ("loss", "reward_accuracy", "logprob_accuracy", "reward_margin")
+HIGHER_IS_WORSE = {"loss"}
+
+
+def pair_metrics(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    loss: str = "dpo",
+    beta: float = 0.1,
+) -> dict[str, np.ndarray]:
+    """Per-pair values (N,) of every metric in :data:`METRICS` (accuracies as 0/1)."""
+    margin = reward_margin(
+        policy_chosen_logps.double(),
+        policy_rejected_logps.double(),
+        reference_chosen_logps.double(),
+        reference_rejected_logps.double(),
+    )
+    return {
+        "loss": pair_losses(loss, margin, beta).numpy(),
+        "reward_accuracy": (beta * margin > 0).double().numpy(),
+        "logprob_accuracy": (policy_chosen_logps > policy_rejected_logps).double().numpy(),
+        "reward_margin": (beta * margin).numpy(),
+    }
+
+
+def summarize(per_pair: dict[str, np.ndarray], groups: Sequence[str]) -> dict[str, Any]:
+    """Group means, overall means, worst group and best−worst gap from per-pair values.
+
+    ``groups`` (N,) labels each pair. Returns ``{"groups": {g: {metric: mean, "pairs": n}},
+    "overall": {...}, "worst_group": {metric: {"group": g, "value": v}}, "group_gap": {metric: v}}``.
+    """
+    labels = np.asarray([str(g) for g in groups], dtype=object)
+    if len(labels) == 0:
+        raise ValueError("no pairs to evaluate")
+    names = sorted(set(labels))
+    table: dict[str, dict[str, float]] = {}
+    for g in names:
+        mask = labels == g
+        table[g] = {m: float(per_pair[m][mask].mean()) for m in METRICS}
+        table[g]["pairs"] = int(mask.sum())
+    overall = {m: float(per_pair[m].mean()) for m in METRICS}
+    overall["pairs"] = len(labels)
+    worst, gap = {}, {}
+    for m in METRICS:
+        values = {g: table[g][m] for g in names}
+        pick = max if m in HIGHER_IS_WORSE else min
+        w = pick(names, key=lambda g, v=values: v[g])
+        worst[m] = {"group": w, "value": values[w]}
+        gap[m] = max(values.values()) - min(values.values())
+    return {"groups": table, "overall": overall, "worst_group": worst, "group_gap": gap}
+
+
+def evaluate_logps(
+    groups: Sequence[str],
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    loss: str = "dpo",
+    beta: float = 0.1,
+) -> dict[str, Any]:
+    """:func:`summarize` of :func:`pair_metrics`, plus the loss kind and β used."""
+    per_pair = pair_metrics(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        loss=loss,
+        beta=beta,
+    )
+    return {"loss_kind": loss, "beta": beta, **summarize(per_pair, groups)}
+
+
+def evaluate_pairs(
+    policy: nn.Module,
+    reference: nn.Module | tuple[torch.Tensor, torch.Tensor],
+    tokenizer,
+    pairs_df: pd.DataFrame,
+    *,
+    loss: str = "dpo",
+    beta: float = 0.1,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 192,
+    max_response_tokens: int = 32,
+    padding_side: str = "right",
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``policy`` against ``reference`` (a model, or precomputed (chosen, rejected)
+    log-probs (N,) in the row order of ``pairs_df``) on every row of ``pairs_df``."""
+    for col in ("group", "prompt", "chosen", "rejected"):
+        if col not in pairs_df.columns:
+            raise ValueError(f"pairs table: missing column {col!r}; has {list(pairs_df.columns)}")
+    if device is None:
+        device = next(policy.parameters()).device
+    encoded = encode_pairs(
+        tokenizer,
+        pairs_df["prompt"].tolist(),
+        pairs_df["chosen"].tolist(),
+        pairs_df["rejected"].tolist(),
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+    )
+    kwargs = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "batch_size": batch_size,
+        "padding_side": padding_side,
+        "device": device,
+    }
+    was_training = policy.training
+    policy.eval()
+    policy_c, policy_r = score_pairs(SequenceScorer(policy), encoded, **kwargs)
+    policy.train(was_training)
+    if isinstance(reference, nn.Module):
+        reference.eval()
+        ref_c, ref_r = score_pairs(SequenceScorer(reference), encoded, **kwargs)
+    else:
+        ref_c, ref_r = (torch.as_tensor(t, dtype=torch.float32) for t in reference)
+        if ref_c.shape != policy_c.shape or ref_r.shape != policy_r.shape:
+            raise ValueError(
+                f"reference log-probs have shapes {tuple(ref_c.shape)}, {tuple(ref_r.shape)}; "
+                f"expected ({len(pairs_df)},) each"
+            )
+    return evaluate_logps(
+        pairs_df["group"].tolist(), policy_c, policy_r, ref_c, ref_r, loss=loss, beta=beta
+    )
+
+
+def flatten_metrics(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """``{prefix}/group/<g>/<metric>``, ``{prefix}/overall/<metric>``,
+    ``{prefix}/worst_group/<metric>`` and ``{prefix}/group_gap/<metric>`` (plus ``pairs``)."""
+    out: dict[str, float] = {}
+    for g, values in result["groups"].items():
+        for m, v in values.items():
+            out[f"{prefix}/group/{g}/{m}"] = float(v)
+    for m, v in result["overall"].items():
+        out[f"{prefix}/overall/{m}"] = float(v)
+    for m, w in result["worst_group"].items():
+        out[f"{prefix}/worst_group/{m}"] = float(w["value"])
+    for m, v in result["group_gap"].items():
+        out[f"{prefix}/group_gap/{m}"] = float(v)
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text per-group table, the overall row, the worst group and the gap."""
+    header = (
+        f"{'group':<20} {'pairs':>6} {'loss':>8} {'reward_acc':>10} {'logp_acc':>9} {'margin':>8}"
+    )
+    lines = [header, "-" * len(header)]
+
+    def row(name: str, v: dict[str, float]) -> str:
+        return (
+            f"{name:<20} {int(v['pairs']):>6} {v['loss']:>8.4f} {v['reward_accuracy']:>10.3f} "
+            f"{v['logprob_accuracy']:>9.3f} {v['reward_margin']:>8.4f}"
+        )
+
+    for g, v in result["groups"].items():
+        lines.append(row(g, v))
+    lines.append("-" * len(header))
+    lines.append(row("overall", result["overall"]))
+    worst = ", ".join(
+        f"{m}: {w['group']} ({w['value']:.4g})" for m, w in result["worst_group"].items()
+    )
+    gap = ", ".join(f"{m}: {v:.4g}" for m, v in result["group_gap"].items())
+    lines += [f"worst group  {worst}", f"group gap    {gap}"]
+    return "\n".join(lines)

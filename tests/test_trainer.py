@@ -1,0 +1,159 @@
+"""The preference trainer: the estimator and α update by hand, accumulation, a tiny run learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo.config import ConfigError, from_dict
+from grpo.evaluation import evaluate_pairs
+from grpo.logprobs import SequenceScorer, score_pairs
+from grpo.modeling import load_model, load_pretrained, load_tokenizer
+from grpo.trainer import (
+    PreferenceTrainer,
+    TrainConfig,
+    encode_frame,
+    group_index,
+    micro_batches,
+    train,
+)
+from tests.trainer_helpers import load_policy_state, small_pairs, tiny_model_cfg
+
+
+@pytest.fixture(scope="module")
+def setup():
+    df = small_pairs(150, seed=0)
+    mcfg = tiny_model_cfg()
+    train_df = df[df["split"] == "train"].reset_index(drop=True)
+    tok = load_tokenizer(mcfg, train_df["prompt"].tolist() + train_df["chosen"].tolist())
+    pairs = encode_frame(train_df, tok, mcfg)
+    names = sorted(train_df["group"].unique())
+    groups = group_index(train_df, names, "train")
+    return df, mcfg, tok, pairs, groups, names
+
+
+def make_trainer(setup, **cfg):
+    _, mcfg, tok, pairs, groups, names = setup
+    model = load_model(mcfg, tok)
+    ref = score_pairs(SequenceScorer(model), pairs, pad_token_id=tok.pad_token_id)
+    tcfg = TrainConfig(**{"progress": False, **cfg})
+    return PreferenceTrainer(
+        model, pairs, groups, names, tcfg, pad_token_id=tok.pad_token_id, reference_logps=ref
+    )
+
+
+def test_micro_batches_partition_the_global_batch():
+    idx = torch.arange(8)
+    assert [c.tolist() for c in micro_batches(idx, 2, 1, 0)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # 2 ranks × 2 accumulation steps: rank r takes chunks r and 2 + r
+    assert [c.tolist() for c in micro_batches(idx, 2, 2, 0)] == [[0, 1], [4, 5]]
+    assert [c.tolist() for c in micro_batches(idx, 2, 2, 1)] == [[2, 3], [6, 7]]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_first_step_estimate_and_alpha_by_hand(setup, loss):
+    """At step 0 the policy is the reference, so every ℓ_i is log 2 (DPO) or 1/(4β²) (IPO)."""
+    beta, eta = 0.5, 0.7
+    trainer = make_trainer(setup, method=f"gr-{loss}", beta=beta, eta_alpha=eta, batch_size=12)
+    sizes = trainer.group_sizes
+    n = float(sizes.sum())
+    idx = torch.arange(12) * 3 % len(trainer.train_pairs)
+    out = trainer.train_step(idx)
+    ell = math.log(2) if loss == "dpo" else 1 / (4 * beta**2)
+    counts = torch.bincount(trainer.train_groups[idx], minlength=3).double()
+    torch.testing.assert_close(out["group_counts"], counts)
+    want_hat = n / (12 * sizes) * counts * ell  # L̂_g = N/(B N_g) Σ_{i∈g} ℓ_i
+    torch.testing.assert_close(out["group_estimates"], want_hat)
+    want_alpha = torch.exp(eta * want_hat) / torch.exp(eta * want_hat).sum()  # from uniform α
+    torch.testing.assert_close(out["alpha"], want_alpha)
+    assert out["alpha"].sum().item() == pytest.approx(1.0)
+    # the θ step used the uniform weights: Σ_g (1/3) L̂_g
+    assert out["loss"] == pytest.approx(float(want_hat.sum() / 3))
+
+
+def test_pooled_dpo_objective_is_the_batch_mean(setup):
+    trainer = make_trainer(setup, method="dpo", batch_size=8)
+    out = trainer.train_step(torch.arange(8))
+    assert out["loss"] == pytest.approx(math.log(2), rel=1e-6)  # mean of log 2
+    torch.testing.assert_close(out["alpha"], torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_grad_accumulation_equals_one_big_batch(setup):
+    runs = []
+    for accum in (1, 4):
+        trainer = make_trainer(
+            setup, method="gr-dpo", batch_size=8, grad_accum=accum, eta_alpha=2.0
+        )
+        for step in range(3):
+            trainer.train_step(torch.arange(8) + 8 * step)
+        runs.append(trainer)
+    for p1, p4 in zip(runs[0].policy.parameters(), runs[1].policy.parameters(), strict=True):
+        torch.testing.assert_close(p1, p4, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(runs[0].weights.alpha, runs[1].weights.alpha)
+    assert not torch.allclose(runs[0].weights.alpha, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_online_reference_equals_precomputed(setup):
+    _, mcfg, tok, pairs, groups, names = setup
+    precomputed = make_trainer(setup, method="gr-ipo", batch_size=8, beta=0.5)
+    model = load_model(mcfg, tok)
+    reference = load_model(mcfg, tok).requires_grad_(False)
+    online = PreferenceTrainer(
+        model, pairs, groups, names,
+        TrainConfig(method="gr-ipo", batch_size=8, beta=0.5, reference="online", progress=False),
+        pad_token_id=tok.pad_token_id, reference_model=reference,
+    )  # fmt: skip
+    for step in range(2):
+        a = precomputed.train_step(torch.arange(8) + 8 * step)
+        b = online.train_step(torch.arange(8) + 8 * step)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    torch.testing.assert_close(precomputed.weights.alpha, online.weights.alpha)
+
+
+def test_lr_cut_halves_eta_alpha(setup):
+    trainer = make_trainer(setup, method="gr-dpo", eta_alpha=0.8, scheduler_patience=1, lr=1e-3)
+    assert not trainer.scheduler_step(1.0)  # best so far
+    assert not trainer.scheduler_step(1.0)  # 1 bad evaluation: within patience
+    assert trainer.scheduler_step(1.0)  # 2 bad: cut
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert trainer.weights.eta == pytest.approx(0.4)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(method="grpo")
+    with pytest.raises(ValueError, match="divisible"):
+        TrainConfig(batch_size=10, grad_accum=4)
+    with pytest.raises(ValueError, match="reference"):
+        TrainConfig(reference="cached")
+    with pytest.raises(ConfigError, match=r"params\.yaml:train: unknown key"):
+        from_dict(TrainConfig, {"learning_rate": 1}, where="params.yaml:train")
+
+
+def test_tiny_run_changes_parameters_and_lowers_loss(setup, tmp_path):
+    df, mcfg, *_ = setup
+    logged: list[tuple[dict, int]] = []
+    cfg = TrainConfig(
+        method="gr-dpo", epochs=4, batch_size=8, lr=3e-3, eval_every=5, sft_epochs=1,
+        checkpoint_every=0, progress=False, keep_best=False, early_stop_patience=0,
+    )  # fmt: skip
+    result = train(df, mcfg, cfg, tmp_path, log_fn=lambda m, s: logged.append((m, s)))
+    steps = 4 * (len(df[df.split == "train"]) // 8)
+    assert result.steps == steps and [s for _, s in logged] == list(range(1, steps + 1))
+    names = {f"train/group_weight/{g}" for g in result.groups} | {"train/loss"}
+    assert names <= set(logged[0][0])
+    assert "val/worst_group_loss" in logged[4][0] and "val/worst_group_loss" not in logged[3][0]
+    sft_losses = load_pretrained(result.reference_dir, "cpu")[2]["sft_losses"]
+    assert sft_losses[-1] < sft_losses[0]
+    before, after = load_policy_state(result.reference_dir), load_policy_state(result.model_dir)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    policy, tok, info = load_pretrained(result.model_dir, "cpu")
+    reference, _, _ = load_pretrained(result.reference_dir, "cpu")
+    assert info["method"] == "gr-dpo" and info["groups"] == result.groups
+    train_rows = df[df.split == "train"]
+    ev = evaluate_pairs(policy, reference, tok, train_rows, loss="dpo", beta=0.1)
+    assert ev["overall"]["loss"] < math.log(2) - 0.02  # the policy started at log 2 (= reference)
+    assert sum(result.alpha) == pytest.approx(1.0)
+    assert result.alpha != pytest.approx([1 / 3] * 3)

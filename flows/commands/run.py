@@ -73,11 +73,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         from flows.retrain import StageFailed, load_params, resolve, retrain
 
+        server = start_local_server()  # comes up while the heavy imports below run
         quiet_loggers(args.verbose)
         resolve(load_params(_params_path(args.params, root), args.overrides))  # fail fast
     except (ConfigError, ValueError) as exc:
         print(f"grpo run: error: {exc}", file=sys.stderr)
         return 2
+    if server is not None:
+        server.join()
     try:
         summary = retrain(
             params_file=str(_params_path(args.params, root)),
@@ -144,6 +147,25 @@ def quiet_loggers(verbose: bool = False) -> None:
         # a failed stage is reported in one line by `grpo run`; -v shows Prefect's tracebacks
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def start_local_server():
+    """Start Prefect's temporary local server in a thread (None when a server URL is set).
+
+    The server is a subprocess that takes ~10 s to come up; starting it before torch, MLflow,
+    DVC and GX are imported overlaps the two. Join the thread before the first flow call.
+    """
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    thread = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
+    thread.start()
+    return thread
 
 
 def _params_path(path: str, root: Path) -> Path:

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from tests.test_tracking import fake_metrics, logged_run, store, tiny_model_dir  # noqa: F401
+from tests.test_tracking import (  # noqa: F401
+    empty_db,
+    fake_metrics,
+    logged_run,
+    store,
+    tiny_model_dir,
+)
 
 
 def test_group_values_reads_only_the_chosen_metric():

@@ -8,15 +8,20 @@ Each run follows Algorithm 1 with full batches (``docs/algorithm.md`` §2): at s
     θ_{t+1}   = θ_t − η_θ ∇_θ Σ_g w_g L_g(θ_t)        (DPO family: gradient descent)
     θ_{t+1}   = argmin_θ Σ_g w_g L_g(θ)               (IPO family: closed form, §2 of the doc)
 
-using the trainer's own pieces: :func:`grpo.losses.dpo_loss` / :func:`grpo.losses.ipo_loss`,
+using the trainer's own pieces: :func:`grpo.losses.dpo_loss` (GR-DPO's training group losses,
+every method's validation losses), :func:`grpo.losses.ipo_loss` (validation),
 :func:`grpo.groups.mirror_ascent_step`, :func:`grpo.groups.mix_weights`,
 :func:`grpo.groups.fixed_group_weights`, :func:`grpo.groups.pair_coefficients` and
-:func:`grpo.groups.group_sums` / :func:`grpo.groups.group_means`.
+:func:`grpo.groups.group_sums` / :func:`grpo.groups.group_means`. GR-IPO's training group losses
+and every IPO solve use the per-group moments Σ ΔφΔφᵀ, Σ Δφ instead of per-pair tensors (exact: the
+IPO loss is quadratic in θ; tests check them against ``ipo_loss`` and the per-pair closed form).
 
-Layout: one batch per loss family; S = data sets (scenario × seed, ordered by the scenario's
-iteration count), M = the family's methods, N pairs, d = 4 features, K = 2 groups. Per-run
-hyperparameters are (S, M, 1) tensors. When a scenario reaches its iteration count its data sets
-leave the batch (the tensors are sliced), so no work is spent on finished runs.
+Layout: one batch and one loop for everything; S = data sets (scenario × seed, ordered by the
+scenario's iteration count), M = methods (columns: DPO fixed-weight, DPO robust, IPO robust, IPO
+fixed-weight), N pairs, d = 4 features, K = 2 groups. Per-run hyperparameters are (S, M, 1)
+tensors; fixed-weight columns keep their weights in α with η_α = 0. When a scenario reaches its
+iteration count its data sets leave the batch (the tensors are sliced), so no work is spent on
+finished runs.
 """
 
 from __future__ import annotations

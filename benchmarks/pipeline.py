@@ -29,11 +29,17 @@ from benchmarks._common import machine_info, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_OVERHEAD_S = 20.0
+KINDS = {
+    "cold": "first run in a fresh checkout: Prefect and MLflow build their databases",
+    "warm": "second run in the same checkout, another training seed",
+    "server": "third run, against a running `prefect server` (PREFECT_API_URL)",
+}
 
 EPILOG = """examples:
-  python -m benchmarks.pipeline                     # one run of `grpo run` (a few minutes)
+  python -m benchmarks.pipeline                     # a cold and a warm `grpo run` (~5-10 min)
   python -m benchmarks.pipeline --json outputs/bench/pipeline.json
-  python -m benchmarks.pipeline --repeats 2 --set train.steps=20
+  python -m benchmarks.pipeline --server   # + a run against a running Prefect server
+  python -m benchmarks.pipeline --cold-only --set train.max_steps=20 --set train.epochs=0
   python -m benchmarks.pipeline --keep /tmp/pipeline-copy   # keep the copy to look at it
 """
 
@@ -116,8 +122,9 @@ def _ts(value: Any) -> float | None:
     return dt.timestamp()
 
 
-def prefect_timings(prefect_home: Path) -> dict[str, Any]:
-    """Flow run and task runs (name, start, end, seconds) from the run's Prefect database."""
+def prefect_timings(prefect_home: Path, since: float = 0.0) -> dict[str, Any]:
+    """Flow runs started after ``since`` (POSIX s) and their task runs (name, start, end,
+    seconds), from the run's Prefect database."""
     db = prefect_home / "prefect.db"
     if not db.exists():
         return {"error": f"{db}: no Prefect database (did the flow run?)"}
@@ -133,11 +140,16 @@ def prefect_timings(prefect_home: Path) -> dict[str, Any]:
         ).fetchall()
     finally:
         con.close()
+    keep = {fid for fid, _, s, _, _ in flows if (_ts(s) or 0.0) >= since}
     flow_runs = [
-        {"name": n, "start": _ts(s), "end": _ts(e), "state": st} for _, n, s, e, st in flows
+        {"name": n, "start": _ts(s), "end": _ts(e), "state": st}
+        for fid, n, s, e, st in flows
+        if fid in keep
     ]
     task_runs = []
-    for _fid, name, key, s, e, st in tasks:
+    for fid, name, key, s, e, st in tasks:
+        if fid not in keep:
+            continue
         start, end = _ts(s), _ts(e)
         task_runs.append(
             {
@@ -166,7 +178,7 @@ def optimizer_step_seconds(copy: Path) -> tuple[float, int] | None:
     """Σ ``train/step_time_s`` and the number of steps from the run's training history CSV."""
     import csv
 
-    files = sorted(copy.glob("outputs/runs/*/train/history.csv"))
+    files = sorted(copy.glob("outputs/runs/*/train/history.csv"), key=lambda f: f.stat().st_mtime)
     if not files:
         return None
     total, steps = 0.0, 0
@@ -236,9 +248,107 @@ def analyse(
     return out
 
 
-def run_once(
-    overrides: list[str], keep: Path | None, timeout: float, training_names: tuple[str, ...]
+def invoke(
+    copy: Path,
+    overrides: list[str],
+    timeout: float,
+    training_names: tuple[str, ...],
+    api_url: str | None = None,
 ) -> dict[str, Any]:
+    """One ``grpo run`` in ``copy``, timed and split by stage (the newest flow run's tasks)."""
+    summary_path = copy.parent / f"summary-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--json", str(summary_path)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = run_env(copy)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    launch = time.time()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    wall_s = time.perf_counter() - t0
+    exit_t = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"`grpo run` failed (exit {proc.returncode}) in {copy}:\n"
+            f"{(proc.stderr or proc.stdout)[-4000:]}"
+        )
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    written = summary_path.stat().st_mtime if summary_path.exists() else None
+    timings = prefect_timings(copy / ".prefect", since=launch)
+    result = analyse(wall_s, launch, exit_t, timings, training_names)
+    if written and "after_flow_s" in result:
+        # after the summary is written: interpreter shutdown (Prefect's server and log/event
+        # workers, MLflow) until the process has exited
+        result["shutdown_s"] = exit_t - written
+    steps = optimizer_step_seconds(copy)
+    if steps:
+        result["optimizer_steps_s"], result["optimizer_steps"] = steps
+        # inside the train task but not optimizer steps: tokenizer, model, reference
+        # log-probs, validation passes, per-step metric logging, checkpoints, saving
+        result["train_task_besides_steps_s"] = result["training_s"] - steps[0]
+    result["imports_s"] = import_seconds(copy, run_env(copy))
+    if "before_flow_s" in result:
+        # with a running server this is the client's connection and flow-run creation
+        result["prefect_start_s"] = result["before_flow_s"] - result["imports_s"]
+    result["prefect_api"] = api_url or "local server started by the process"
+    result["command"] = " ".join(["grpo", "run", *[f"--set {o}" for o in overrides]])
+    result["summary_keys"] = sorted(summary)
+    return result
+
+
+class PrefectServer:
+    """``prefect server start`` on a free loopback port for the runs (stopped on exit)."""
+
+    def __init__(self, copy: Path, timeout: float = 180.0) -> None:
+        import socket
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        env = run_env(copy)
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            cwd=copy, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.perf_counter() - t0 > timeout:
+                self.stop()
+                raise RuntimeError(f"prefect server did not come up on {self.url}")
+            time.sleep(0.5)
+        self.start_s = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run_once(
+    overrides: list[str],
+    keep: Path | None,
+    timeout: float,
+    training_names: tuple[str, ...],
+    warm: bool = True,
+    server: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """A fresh copy; ``cold``: the first ``grpo run`` there (Prefect and MLflow build their
+    databases); ``warm``: a second one with another training seed (so the train and evaluate
+    caches miss and it trains again), as a weekly retrain in an existing checkout would;
+    ``server``: a third one against a running ``prefect server`` (no local server per process)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     copy = keep or tmp / "repo"
     if copy.exists():
@@ -246,39 +356,19 @@ def run_once(
     copy.mkdir(parents=True)
     try:
         copy_repo(REPO, copy)
-        summary_path = tmp / "summary.json"
-        cmd = [sys.executable, "-m", "flows.cli", "run", "--json", str(summary_path)]
-        for o in overrides:
-            cmd += ["--set", o]
-        launch = time.time()
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            cmd, cwd=copy, env=run_env(copy), capture_output=True, text=True, timeout=timeout
-        )
-        wall_s = time.perf_counter() - t0
-        exit_t = time.time()
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"`grpo run` failed (exit {proc.returncode}) in {copy}:\n"
-                f"{(proc.stderr or proc.stdout)[-4000:]}"
-            )
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        timings = prefect_timings(copy / ".prefect")
-        result = analyse(wall_s, launch, exit_t, timings, training_names)
-        steps = optimizer_step_seconds(copy)
-        if steps:
-            result["optimizer_steps_s"], result["optimizer_steps"] = steps
-            # inside the train task but not optimizer steps: tokenizer, model, reference
-            # log-probs, validation passes, per-step metric logging, checkpoints, saving
-            result["train_task_besides_steps_s"] = result["training_s"] - steps[0]
-        result["imports_s"] = import_seconds(copy, run_env(copy))
-        if "before_flow_s" in result:
-            result["prefect_start_s"] = result["before_flow_s"] - result["imports_s"]
-        result["command"] = " ".join(["grpo", "run", *[f"--set {o}" for o in overrides]])
-        result["summary_keys"] = sorted(summary)
-        if isinstance(summary.get("timings"), dict):
-            result["summary_timings"] = summary["timings"]
-        return result
+        out = {"cold": invoke(copy, overrides, timeout, training_names)}
+        if warm:
+            out["warm"] = invoke(copy, [*overrides, "train.seed=1"], timeout, training_names)
+        if server:
+            srv = PrefectServer(copy)
+            try:
+                out["server"] = invoke(
+                    copy, [*overrides, "train.seed=2"], timeout, training_names, api_url=srv.url
+                )
+                out["server"]["server_start_s"] = srv.start_s
+            finally:
+                srv.stop()
+        return out
     finally:
         if keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -288,14 +378,29 @@ def format_table(result: dict[str, Any]) -> str:
     lines = ["| stage | seconds | training? |", "|---|---|---|"]
     if "prefect_start_s" in result:
         lines.append(f"| start-up: interpreter and imports | {result['imports_s']:.1f} | no |")
-        lines.append(f"| start-up: Prefect's local server | {result['prefect_start_s']:.1f} | no |")
+        what = (
+            "Prefect's local server"
+            if result.get("prefect_api", "").startswith("local")
+            else "Prefect client, flow run created on the running server"
+        )
+        lines.append(f"| start-up: {what} | {result['prefect_start_s']:.1f} | no |")
     for s in result["stages"]:
         lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['training'] else 'no'} |")
     if "flow_outside_tasks_s" in result:
         lines.append(
             f"| between tasks (orchestration) | {result['flow_outside_tasks_s']:.1f} | no |"
         )
-        lines.append(f"| after the flow (exit) | {result['after_flow_s']:.1f} | no |")
+        if "shutdown_s" in result:
+            lines.append(
+                f"| after the flow: summary | {result['after_flow_s'] - result['shutdown_s']:.1f}"
+                " | no |"
+            )
+            lines.append(
+                f"| after the flow: process exit (Prefect, MLflow shutdown) "
+                f"| {result['shutdown_s']:.1f} | no |"
+            )
+        else:
+            lines.append(f"| after the flow (exit) | {result['after_flow_s']:.1f} | no |")
     lines.append(f"| **wall time** | **{result['wall_s']:.1f}** | |")
     if "optimizer_steps_s" in result:
         lines.append("")
@@ -329,33 +434,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training-tasks", default="train", help="task-name substrings that train")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--keep", type=Path, help="run in this folder and keep it")
+    p.add_argument("--cold-only", action="store_true", help="skip the second (warm) run")
+    p.add_argument(
+        "--server", action="store_true", help="also run against a `prefect server` it starts"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     training_names = tuple(t.strip().lower() for t in args.training_tasks.split(",") if t.strip())
-    runs = []
+    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": [], "server": []}
     for i in range(args.repeats):
-        res = run_once(args.overrides, args.keep, args.timeout, training_names)
-        print(
-            f"[{i + 1}/{args.repeats}] wall {res['wall_s']:.1f} s, "
-            f"outside training {res['outside_training_s']:.1f} s, overhead {res['overhead_s']:.1f} s",
-            file=sys.stderr,
-        )
-        runs.append(res)
-    runs.sort(key=lambda r: r["wall_s"])
-    best = runs[len(runs) // 2]
-    out = {"machine": machine_info(), "median_run": best, "runs": runs}
-    out.update(
-        wall_s=best["wall_s"],
-        training_s=best["training_s"],
-        outside_training_s=best["outside_training_s"],
-        outside_training_share=best["outside_training_share"],
-        overhead_s=best["overhead_s"],
-        target_outside_training_s=TARGET_OVERHEAD_S,
-    )
-    print(format_table(best))
+        res = run_once(
+            args.overrides, args.keep, args.timeout, training_names, not args.cold_only,
+            args.server,
+        )  # fmt: skip
+        for kind, r in res.items():
+            print(
+                f"[{i + 1}/{args.repeats}] {kind}: wall {r['wall_s']:.1f} s, outside training "
+                f"{r['outside_training_s']:.1f} s, overhead {r['overhead_s']:.1f} s",
+                file=sys.stderr,
+            )
+            runs[kind].append(r)
+    out: dict[str, Any] = {"machine": machine_info(), "target_overhead_s": TARGET_OVERHEAD_S}
+    for kind, rs in runs.items():
+        if not rs:
+            continue
+        rs.sort(key=lambda r: r["overhead_s"])
+        mid = rs[len(rs) // 2]
+        out[kind] = {"median_run": mid, "runs": rs}
+        for key in ("wall_s", "training_s", "outside_training_s", "overhead_s", "evaluate_s"):
+            out[f"{kind}_{key}"] = mid[key]
+        print(f"\n{kind} run ({KINDS[kind]}):")
+        print(format_table(mid))
     if args.json:
         write_json(args.json, out)
         print(f"wrote {args.json}")

@@ -1,0 +1,62 @@
+"""Kill-and-resume: a run SIGKILLed after a checkpoint, then resumed, ends exactly where an
+uninterrupted run ends (parameters, α, history)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo.config import from_dict
+from grpo.data import write_pairs
+from grpo.trainer import TrainConfig, checkpoint_dirs, train
+from tests.trainer_helpers import load_policy_state, small_pairs, tiny_model_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = {
+    "method": "gr-dpo", "eta_alpha": 1.0, "batch_size": 8, "grad_accum": 2, "max_steps": 10,
+    "epochs": 0, "eval_every": 3, "checkpoint_every": 4, "sft_epochs": 1, "lr": 1e-2,
+    "scheduler_patience": 0, "progress": False,
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path):
+    df = small_pairs(150, seed=1)
+    data = write_pairs(df, tmp_path / "pairs.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "trainer_helpers.py"), str(data),
+         str(tmp_path / "resumed"), json.dumps({"train": TRAIN}), "6"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "resumed")] == ["step-0000004"]
+    assert not (tmp_path / "resumed" / "policy").exists()  # died before the end
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed process
+    try:
+        cfg = from_dict(TrainConfig, TRAIN)
+        resumed = train(df, tiny_model_cfg(), cfg, tmp_path / "resumed", resume=True)
+        straight = train(df, tiny_model_cfg(), cfg, tmp_path / "straight", resume=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert resumed.steps == straight.steps == 10
+    assert resumed.alpha == straight.alpha
+    assert resumed.alpha != pytest.approx([1 / 3] * 3)
+    a, b = load_policy_state(resumed.model_dir), load_policy_state(straight.model_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    untimed = [[{k: v for k, v in h.items() if k != "train/step_time_s"} for h in r.history]
+               for r in (resumed, straight)]  # fmt: skip
+    assert untimed[0] == untimed[1]
+    lr_cuts = [h for h in straight.history if h.get("train/lr_cut")]
+    assert lr_cuts, "the schedule should have cut the LR (so its state is part of the test)"

@@ -9,6 +9,7 @@ results, so re-running on unchanged data and config skips straight to tracking. 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -244,7 +245,10 @@ def retrain(
     cfgs = resolve(load_params(params_path, overrides or []))
     cfgs.validate.report_dir = str(home / cfgs.validate.report_dir)
     resolved = cfgs.resolved()
-    tracking = start_run_task(str(home), cfgs.register.experiment, resolved)
+    try:
+        tracking = start_run_task(str(home), cfgs.register.experiment, resolved)
+    except Exception as exc:
+        raise StageFailed("tracking (MLflow)", exc) from exc
     run_id = tracking["run_id"]
     stage, report = "ingest", None
     try:
@@ -284,7 +288,8 @@ def retrain(
             "error": str(exc),
             "report_path": report if stage == "validate" else None,
         }
-        end_run_task(run_id, "FAILED", failure)
+        with contextlib.suppress(Exception):  # keep the stage's error, not a tracking one
+            end_run_task(run_id, "FAILED", failure)
         raise StageFailed(stage, exc) from exc
     end_run_task(run_id, "FINISHED")
     return summarize(tracking, data, trained, evaluation, decision, cfgs.register.metric)

@@ -79,6 +79,10 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"grpo run: error: {exc}", file=sys.stderr)
         return 2
+    problem = tracking_unreachable(root)
+    if problem:
+        print(f"grpo run: error: {problem}", file=sys.stderr)
+        return 1
     if server is not None:
         server.join()
     try:
@@ -126,6 +130,9 @@ def prepare(verbose: bool = False) -> Path:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        # an MLflow server that stops answering fails a task in seconds, not minutes
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     }.items():
         os.environ.setdefault(key, value)
     return root
@@ -141,12 +148,28 @@ def quiet_loggers(verbose: bool = False) -> None:
         import great_expectations  # noqa: F401
         import mlflow  # noqa: F401
 
-        noisy = ("mlflow", "dvc", "great_expectations", "alembic", "httpx")
+        noisy = ("mlflow", "dvc", "great_expectations", "alembic", "httpx", "urllib3")
         for name in (*noisy, "great_expectations.data_context.types.base"):
             logging.getLogger(name).setLevel(logging.WARNING)
         # a failed stage is reported in one line by `grpo run`; -v shows Prefect's tracebacks
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def tracking_unreachable(root: Path) -> str | None:
+    """A one-line reason when an MLflow server URI does not answer (None: fine or not HTTP)."""
+    import urllib.request
+
+    from tasks.tracking import tracking_uri
+
+    uri = tracking_uri(root)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+            return None
+    except OSError as exc:
+        return f"MLflow tracking server {uri} does not answer ({exc}); check MLFLOW_TRACKING_URI"
 
 
 def start_local_server():

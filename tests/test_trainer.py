@@ -166,3 +166,21 @@ def test_tiny_run_changes_parameters_and_lowers_loss(setup, tmp_path):
     assert ev["overall"]["loss"] < math.log(2) - 0.02  # the policy started at log 2 (= reference)
     assert sum(result.alpha) == pytest.approx(1.0)
     assert result.alpha != pytest.approx([1 / 3] * 3)
+
+
+def test_lora_run_saves_merged_policy_and_resumes(setup, tmp_path):
+    df, *_ = setup
+    mcfg = tiny_model_cfg(lora=True, lora_r=4)
+    base = {"method": "gr-ipo", "beta": 0.5, "batch_size": 8, "epochs": 0, "lr": 1e-2}
+    cfg = TrainConfig(**base, max_steps=4, checkpoint_every=2, sft_epochs=1, progress=False)
+    first = train(df, mcfg, cfg, tmp_path)
+    assert first.steps == 4
+    state = load_policy_state(first.model_dir)
+    assert not any("lora" in k for k in state)  # adapters merged: a plain model
+    reference = load_policy_state(first.reference_dir)
+    assert any(not torch.equal(state[k], reference[k]) for k in state)
+    more = TrainConfig(**base, max_steps=6, checkpoint_every=2, sft_epochs=1, progress=False)
+    second = train(df, mcfg, more, tmp_path)  # resumes the step-4 checkpoint (LoRA weights)
+    assert second.steps == 6
+    assert [h["step"] for h in second.history] == [1, 2, 3, 4, 5, 6]
+    assert second.history[:4] == first.history

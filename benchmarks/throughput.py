@@ -45,7 +45,7 @@ LOSS_TOL = 1e-4
 REF_TOL = 1e-3  # summed log-probs of up to ~160 tokens, fp32, two code paths
 
 EPILOG = """examples:
-  python -m benchmarks.throughput                               # the full comparison (~5 min)
+  python -m benchmarks.throughput                 # the full comparison (~7 min on an idle machine)
   python -m benchmarks.throughput --json outputs/bench/throughput.json
   python -m benchmarks.throughput --steps 16 --windows 2 --repeats 1 --trainers dpo,grdpo
   python -m benchmarks.throughput --layers 2 --dim 64 --vocab 512 --max-pairs 64 --steps 4 \\

@@ -23,7 +23,7 @@ EPILOG = """examples:
 """
 
 
-def _trl_trainer(workdir: Path, s: BenchSettings, steps: int):
+def _trl_trainer(workdir: Path, s: BenchSettings, steps: int, out_dir: Path):
     """A TRL DPOTrainer set up exactly as in :func:`benchmarks.throughput.run_trl`."""
     import torch
     from datasets import Dataset
@@ -47,7 +47,7 @@ def _trl_trainer(workdir: Path, s: BenchSettings, steps: int):
         ]
     )
     args = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-prof-"),
+        output_dir=str(out_dir),
         per_device_train_batch_size=s.batch_size,
         learning_rate=s.lr,
         lr_scheduler_type="constant",
@@ -85,7 +85,7 @@ def profile(trainer_name: str, s: BenchSettings, steps: int, rows: int) -> dict[
         if trainer_name == "trl":
             from transformers import TrainerCallback
 
-            trainer = _trl_trainer(wd, s, s.warmup_steps + steps)
+            trainer = _trl_trainer(wd, s, s.warmup_steps + steps, wd / "trl-out")
             state: dict[str, Any] = {}
 
             class _Prof(TrainerCallback):

@@ -24,6 +24,11 @@ from flows.commands.run import find_root
 CACHED = (INPUTS - "run_id") + TASK_SOURCE
 
 
+TRAINING_CODE = (
+    "config.py", "groups.py", "losses.py", "logprobs.py", "modeling.py", "trainer.py", "evaluation.py",
+)  # fmt: skip
+
+
 class StageFailed(RuntimeError):
     """A pipeline stage raised; ``stage`` names it and the message says why in one line."""
 
@@ -105,12 +110,16 @@ def content_key(*parts: Any) -> str:
 
 
 def code_key() -> str:
-    """A hash of the algorithm's source (``grpo/``): cached training is redone when it changes."""
+    """A hash of the training and evaluation code: cached results are redone when it changes.
+
+    Only the modules that shape a trained model or its metrics count (editing, say, the
+    synthetic experiments must not throw the cache away); the data code shows in the data hash.
+    """
     import grpo
 
     digest = hashlib.sha256()
-    for path in sorted(Path(grpo.__file__).parent.rglob("*.py")):
-        digest.update(path.read_bytes())
+    for name in TRAINING_CODE:
+        digest.update((Path(grpo.__file__).parent / name).read_bytes())
     return digest.hexdigest()
 
 
@@ -177,7 +186,13 @@ def train_task(
 
 @task(name="evaluate", cache_policy=CACHED, persist_result=True)
 def evaluate_task(
-    pairs_path: str, data_key: str, trained: dict[str, Any], cfg: Any, out_dir: str, model_cfg: Any
+    pairs_path: str,
+    data_key: str,
+    code: str,
+    trained: dict[str, Any],
+    cfg: Any,
+    out_dir: str,
+    model_cfg: Any,
 ) -> dict[str, Any]:
     from tasks.evaluate import evaluate
 
@@ -258,12 +273,13 @@ def retrain(
         report = str(Path(cfgs.validate.report_dir) / "report.json")
         validate_task(data["path"], cfgs.validate, list(cfgs.data.expected_groups() or []) or None)
         stage = "train"
-        key = content_key(data["sha256"], resolved["model"], resolved["train"], code_key())
+        code = code_key()
+        key = content_key(data["sha256"], resolved["model"], resolved["train"], code)
         run_dir = home / "outputs" / "runs" / key[:16]
         args = (
             data["path"],
             data["sha256"],
-            code_key(),
+            code,
             cfgs.model,
             cfgs.train,
             str(run_dir / "train"),
@@ -274,7 +290,7 @@ def retrain(
         trained = {**trained, "beta": cfgs.train.beta}
         stage = "evaluate"
         evaluation = evaluate_task(
-            data["path"], data["sha256"], trained, cfgs.evaluate,
+            data["path"], data["sha256"], code, trained, cfgs.evaluate,
             str(run_dir / f"evaluate-{cfgs.evaluate.split}"), cfgs.model,
         )  # fmt: skip
         stage = "tracking"

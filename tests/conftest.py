@@ -16,3 +16,9 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+
+# One thread: tiny-model work is dominated by per-op overhead, and on a shared 2-core machine
+# two threads per test process oversubscribe the cores (measured ~20x slower under load).
+torch.set_num_threads(1)

@@ -110,7 +110,7 @@ def open_session(
     model = model.to(dev)
     t0 = time.perf_counter()
     ref = score_pairs(
-        SequenceScorer(model, cfg.fast_logprobs).eval(),
+        SequenceScorer(model, cfg.fast_logprobs, cfg.shared_prompt).eval(),
         encoded,
         pad_token_id=tokenizer.pad_token_id,
         batch_size=cfg.eval_batch_size,

@@ -110,9 +110,13 @@ def evaluate_pairs(
     max_response_tokens: int = 32,
     padding_side: str = "right",
     device: torch.device | str | None = None,
+    shared_prompt: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``policy`` against ``reference`` (a model, or precomputed (chosen, rejected)
-    log-probs (N,) in the row order of ``pairs_df``) on every row of ``pairs_df``."""
+    log-probs (N,) in the row order of ``pairs_df``) on every row of ``pairs_df``.
+
+    ``shared_prompt``: score each prompt once for both responses where the model supports it
+    (:func:`grpo.logprobs.response_logps_shared`); False = the 2B-sequence path."""
     for col in ("group", "prompt", "chosen", "rejected"):
         if col not in pairs_df.columns:
             raise ValueError(f"pairs table: missing column {col!r}; has {list(pairs_df.columns)}")
@@ -134,11 +138,15 @@ def evaluate_pairs(
     }
     was_training = policy.training
     policy.eval()
-    policy_c, policy_r = score_pairs(SequenceScorer(policy), encoded, **kwargs)
+    policy_c, policy_r = score_pairs(
+        SequenceScorer(policy, shared_prompt=shared_prompt), encoded, **kwargs
+    )
     policy.train(was_training)
     if isinstance(reference, nn.Module):
         reference.eval()
-        ref_c, ref_r = score_pairs(SequenceScorer(reference), encoded, **kwargs)
+        ref_c, ref_r = score_pairs(
+            SequenceScorer(reference, shared_prompt=shared_prompt), encoded, **kwargs
+        )
     else:
         ref_c, ref_r = (torch.as_tensor(t, dtype=torch.float32) for t in reference)
         if ref_c.shape != policy_c.shape or ref_r.shape != policy_r.shape:

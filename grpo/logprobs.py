@@ -4,7 +4,15 @@ A pair (x, y_w, y_l) is scored as two sequences, prompt+chosen and prompt+reject
 ONE batch of 2B rows so the model runs one forward pass per micro-batch (chosen rows first).
 Only response tokens count: prompt and padding positions are masked out.
 
-Two equivalent code paths:
+Three equivalent code paths:
+
+- **shared prompt** (default where it applies, :func:`response_logps_shared`): a pair's chosen and
+  rejected sequences start with the same prompt, so the B prompts run through the decoder ONCE
+  (left-padded, so every prompt ends in the last column) with a KV cache; the cache is repeated
+  for the 2B responses, which are then run in one forward pass against it. Gradients flow through
+  the cached keys/values into the prompt pass. With long prompts and short answers this nearly
+  halves the decoder work (``docs/training.md``). Decoder-only GPT-2 / Llama models only
+  (:func:`supports_shared_prompt`); batches are :class:`SharedPromptBatch`.
 
 - **fast** (default): run the decoder body for hidden states, gather the positions t whose next
   token t+1 is a response token, and apply the output embedding (the vocabulary projection) at
@@ -26,6 +34,10 @@ from torch import nn
 
 # Config attributes of architectures that rescale logits in ways the fast path does not copy.
 _UNSUPPORTED_FAST = ("logit_scale", "logits_scaling")
+# Architectures whose decoder body is checked (tests) to score responses against a repeated KV
+# cache exactly like the whole sequence: absolute (GPT-2) or rotary (Llama) positions from
+# ``position_ids``, plain full-attention caches (no sliding window, no recurrent state).
+_SHARED_PROMPT_TYPES = ("gpt2", "llama")
 
 
 @dataclass
@@ -59,6 +71,29 @@ class SequenceBatch:
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(
+            *(t.to(device, non_blocking=True) for t in self.__dict__.values())  # type: ignore[arg-type]
+        )
+
+    def as_kwargs(self) -> dict[str, torch.Tensor]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SharedPromptBatch:
+    """B pairs with each prompt stored once.
+
+    ``prompt_ids`` / ``prompt_mask`` (B, P): prompts LEFT-padded, so every prompt's last token is
+    in column P−1. ``response_ids`` / ``response_mask`` (2B, L): the B chosen responses, then the
+    B rejected ones, RIGHT-padded (mask 1 on response tokens). Row i and row B+i share prompt i.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> SharedPromptBatch:
+        return SharedPromptBatch(
             *(t.to(device, non_blocking=True) for t in self.__dict__.values())  # type: ignore[arg-type]
         )
 
@@ -139,6 +174,34 @@ def collate_pairs(
     )
 
 
+def collate_shared_prompt(pairs: EncodedPairs, pad_token_id: int) -> SharedPromptBatch:
+    """B pairs → :class:`SharedPromptBatch`: prompts left-padded once, 2B responses right-padded.
+
+    Every prompt must have at least one token (its last hidden state predicts the response's
+    first token); :meth:`SequenceScorer.collate` falls back to :func:`collate_pairs` otherwise.
+    """
+    b = len(pairs)
+    if b == 0:
+        raise ValueError("collate_shared_prompt: no pairs")
+    empty = [i for i, p in enumerate(pairs.prompt) if not p]
+    if empty:
+        raise ValueError(f"collate_shared_prompt: pair(s) {empty[:5]} have an empty prompt")
+    p_len = max(len(p) for p in pairs.prompt)
+    prompt_ids = torch.full((b, p_len), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((b, p_len), dtype=torch.long)
+    for i, p in enumerate(pairs.prompt):
+        prompt_ids[i, p_len - len(p) :] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[i, p_len - len(p) :] = 1
+    responses = list(pairs.chosen) + list(pairs.rejected)
+    r_len = max(len(r) for r in responses)
+    response_ids = torch.full((2 * b, r_len), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((2 * b, r_len), dtype=torch.long)
+    for i, r in enumerate(responses):
+        response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = 1
+    return SharedPromptBatch(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
 def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers ``*ForCausalLM`` inside DDP / peft wrappers (LoRA layers stay injected)."""
     from grpo.modeling import unwrap
@@ -157,6 +220,42 @@ def supports_fast_path(model: nn.Module) -> bool:
         and lm.get_output_embeddings() is not None
         and all(getattr(config, key, None) in (None, 1.0) for key in _UNSUPPORTED_FAST)
     )
+
+
+def supports_shared_prompt(model: nn.Module) -> bool:
+    """True for decoder-only GPT-2 / Llama models (also inside DDP / LoRA wrappers)."""
+    if not supports_fast_path(model):
+        return False
+    config = causal_lm(model).config
+    return (
+        getattr(config, "model_type", None) in _SHARED_PROMPT_TYPES
+        and not getattr(config, "is_encoder_decoder", False)
+        and getattr(config, "add_cross_attention", False) is False
+    )
+
+
+def _cache_kwarg(body: nn.Module) -> str:
+    """The decoder's keyword for a KV cache: ``cache`` (transformers 5) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _repeated_cache(cache, times: int):
+    """A NEW DynamicCache whose layer l holds ``cat([K_l] × times)`` (batch dim): rows
+    [r·B, (r+1)·B) are a copy of the B prompt rows. Built from the prompt cache without mutating
+    it; the copies stay in the autograd graph, so gradients reach the prompt pass."""
+    from transformers import DynamicCache
+
+    if hasattr(cache, "layers"):
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+    else:  # legacy tuple of (key, value) per layer
+        kv = [(k, v) for k, v in cache]
+    out = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        out.update(torch.cat([k] * times), torch.cat([v] * times), i)
+    return out
 
 
 def _select_logps(
@@ -213,27 +312,87 @@ def response_logps_full(
     return (token_logps * response_mask[:, 1:]).sum(-1)
 
 
-class SequenceScorer(nn.Module):
-    """``forward(**SequenceBatch.as_kwargs()) → (R,)`` summed response log-probs of ``model``.
+def response_logps_shared(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) of 2B responses sharing B prompts (a :class:`SharedPromptBatch`).
 
+    (B, P) prompts, (2B, L) responses → (2B,), chosen rows first. Each prompt runs once:
+
+    1. prompt pass: h^x = body(x), position ids cumsum(mask) − 1, keeping the KV cache (K, V);
+    2. the cache repeated twice along the batch (rows i and B+i both see prompt i);
+    3. response pass: h^y = body(y | K, V), positions |x_i| + 0, 1, …, attention mask
+       [prompt mask; response mask] of width P + L;
+    4. token y_0 is predicted by h^x at column P−1 (each prompt's last token), y_t (t ≥ 1) by
+       h^y_{t−1}; the output layer runs only on those states of real response tokens.
+    """
+    lm = causal_lm(model)
+    body = lm.get_decoder()
+    b = prompt_ids.shape[0]
+    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+    out = body(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True
+    )
+    prompt_cache = getattr(out, "cache", None)
+    if prompt_cache is None:
+        prompt_cache = out.past_key_values
+    cache = _repeated_cache(prompt_cache, 2)
+    r_len = response_ids.shape[1]
+    lens = prompt_mask.sum(-1).repeat(2)  # (2B,) real prompt tokens per row
+    r_pos = lens[:, None] + torch.arange(r_len, device=lens.device)[None, :]  # (2B, L)
+    mask = torch.cat([prompt_mask.repeat(2, 1), response_mask], dim=1)  # (2B, P+L)
+    hidden = body(
+        input_ids=response_ids,
+        attention_mask=mask,
+        position_ids=r_pos,
+        use_cache=True,  # the repeated cache is a throw-away copy; it may grow
+        **{_cache_kwarg(body): cache},
+    ).last_hidden_state  # (2B, L, H)
+    last_prompt = out.last_hidden_state[:, -1].repeat(2, 1)  # (2B, H): predicts y_0
+    states = torch.cat([last_prompt[:, None], hidden[:, :-1]], dim=1)  # (2B, L, H): predict y_t
+    rows, cols = response_mask.nonzero(as_tuple=True)
+    logits = lm.get_output_embeddings()(states[rows, cols])  # (M, V)
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    token_logps = _select_logps(logits, response_ids[rows, cols], softcap)
+    total = torch.zeros(2 * b, dtype=token_logps.dtype, device=token_logps.device)
+    return total.index_add(0, rows, token_logps)
+
+
+class SequenceScorer(nn.Module):
+    """``forward(**batch.as_kwargs()) → (R,)`` summed response log-probs of ``model``.
+
+    ``batch`` is a :class:`SequenceBatch` (fast/full paths) or a :class:`SharedPromptBatch`
+    (shared-prompt path); build it with :meth:`collate`, which picks the scorer's path.
     A module (not a function) so DistributedDataParallel can wrap it: DDP synchronises gradients
     only for work done inside the wrapped module's ``forward``.
     """
 
-    def __init__(self, model: nn.Module, fast: bool = True) -> None:
+    def __init__(self, model: nn.Module, fast: bool = True, shared_prompt: bool = True) -> None:
         super().__init__()
         self.model = model
         self.fast = fast and supports_fast_path(model)
+        # the shared-prompt path also applies the output layer at response positions only, so
+        # ``fast=False`` (the plain full-logits reference) turns it off too
+        self.shared_prompt = self.fast and shared_prompt and supports_shared_prompt(model)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        response_mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def collate(
+        self, pairs: EncodedPairs, pad_token_id: int, padding_side: str = "right"
+    ) -> SequenceBatch | SharedPromptBatch:
+        """The batch for this scorer: shared-prompt when enabled and every prompt is non-empty,
+        else :func:`collate_pairs` (2B rows, chosen first)."""
+        if self.shared_prompt and len(pairs) and all(pairs.prompt):
+            return collate_shared_prompt(pairs, pad_token_id)
+        return collate_pairs(pairs, pad_token_id, padding_side)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        if "prompt_ids" in batch:
+            return response_logps_shared(self.model, **batch)
         fn = response_logps_fast if self.fast else response_logps_full
-        return fn(self.model, input_ids, attention_mask, position_ids, response_mask)
+        return fn(self.model, **batch)
 
 
 def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +418,10 @@ def score_pairs(
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         part = pairs.select(range(start, min(start + batch_size, len(pairs))))
-        batch = collate_pairs(part, pad_token_id, padding_side).to(device)
+        if isinstance(scorer, SequenceScorer):
+            batch = scorer.collate(part, pad_token_id, padding_side).to(device)
+        else:
+            batch = collate_pairs(part, pad_token_id, padding_side).to(device)
         with autocast or contextlib.nullcontext():
             c, r = split_pairs(scorer(**batch.as_kwargs()))
         chosen.append(c.float().cpu())

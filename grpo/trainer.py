@@ -46,7 +46,7 @@ from grpo.groups import (
 from grpo.logprobs import (
     EncodedPairs,
     SequenceScorer,
-    collate_pairs,
+    SharedPromptBatch,
     collate_sequences,
     encode_pairs,
     score_pairs,
@@ -97,6 +97,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     fast_logprobs: bool = True  # vocabulary projection only at response positions
+    shared_prompt: bool = True  # each pair's prompt scored once, responses against its KV cache
     progress: bool = True  # tqdm bar (still off when stderr is not a TTY or CI is set)
 
     def __post_init__(self) -> None:
@@ -294,7 +295,9 @@ class PreferenceTrainer:
         )
         self.reference_logps = reference_logps
         self.reference_scorer = (
-            SequenceScorer(reference_model, cfg.fast_logprobs).to(self.device).eval()
+            SequenceScorer(reference_model, cfg.fast_logprobs, cfg.shared_prompt)
+            .to(self.device)
+            .eval()
             if reference_model is not None
             else None
         )
@@ -302,7 +305,7 @@ class PreferenceTrainer:
         self.val_reference_logps = val_reference_logps
 
         self.policy = policy.to(self.device)
-        self.scorer = SequenceScorer(self.policy, cfg.fast_logprobs)
+        self.scorer = SequenceScorer(self.policy, cfg.fast_logprobs, cfg.shared_prompt)
         self.model: nn.Module = self.scorer
         if self.dist.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -320,12 +323,17 @@ class PreferenceTrainer:
     def num_groups(self) -> int:
         return len(self.group_names)
 
-    def _reference(self, chunk: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference(
+        self, chunk: torch.Tensor, part: EncodedPairs, batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference_logps is not None:
             rc, rr = self.reference_logps
             return rc[chunk].to(self.device), rr[chunk].to(self.device)
         with torch.no_grad(), autocast(self.device, self.dtype):
             assert self.reference_scorer is not None
+            if isinstance(batch, SharedPromptBatch) and not self.reference_scorer.shared_prompt:
+                batch = self.reference_scorer.collate(part, self.pad, self.padding_side)
+                batch = batch.to(self.device)
             return split_pairs(self.reference_scorer(**batch.as_kwargs()).float())
 
     def train_step(self, indices: torch.Tensor) -> dict[str, Any]:
@@ -347,15 +355,13 @@ class PreferenceTrainer:
             sync = contextlib.nullcontext()
             if self.dist.active and not last:
                 sync = self.model.no_sync()  # type: ignore[operator]
-            batch = collate_pairs(
-                self.train_pairs.select(chunk.tolist()), self.pad, self.padding_side
-            )
-            batch = batch.to(self.device)
+            part = self.train_pairs.select(chunk.tolist())
+            batch = self.scorer.collate(part, self.pad, self.padding_side).to(self.device)
             with sync:
                 with autocast(self.device, self.dtype):
                     logps = self.model(**batch.as_kwargs())
                 policy_c, policy_r = split_pairs(logps.float())
-                ref_c, ref_r = self._reference(chunk, batch)
+                ref_c, ref_r = self._reference(chunk, part, batch)
                 losses = pair_losses(
                     self.method.loss, reward_margin(policy_c, policy_r, ref_c, ref_r), cfg.beta
                 )
@@ -547,7 +553,7 @@ def sft(
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
-    scorer = SequenceScorer(model, cfg.fast_logprobs).to(device)
+    scorer = SequenceScorer(model, cfg.fast_logprobs, shared_prompt=False).to(device)
     wrapped: nn.Module = scorer
     if dist_info.active:
         ids = [device.index] if device.type == "cuda" else None
@@ -617,7 +623,7 @@ def _reference_logps(
     dist_info: DistInfo,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_ref(y_w|x), log π_ref(y_l|x) of every pair (N,) each; ranks score shards then sum."""
-    scorer = SequenceScorer(model, cfg.fast_logprobs).to(device).eval()
+    scorer = SequenceScorer(model, cfg.fast_logprobs, cfg.shared_prompt).to(device).eval()
     shard = list(range(dist_info.rank, len(pairs), dist_info.world_size))
     out = torch.zeros(2, len(pairs), dtype=torch.float64)
     if shard:

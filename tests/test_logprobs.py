@@ -1,4 +1,4 @@
-"""Masked, summed response log-probs: both code paths against a naive per-token loop."""
+"""Masked, summed response log-probs: every code path against a naive per-token loop."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from grpo.logprobs import (
     EncodedPairs,
+    SequenceBatch,
     SequenceScorer,
+    SharedPromptBatch,
+    _repeated_cache,
     collate_pairs,
     collate_sequences,
+    collate_shared_prompt,
     encode_pairs,
     join_response,
     score_pairs,
     split_pairs,
+    supports_fast_path,
+    supports_shared_prompt,
 )
 from grpo.modeling import ModelConfig, add_lora, disable_dropout, train_tokenizer
 
@@ -163,3 +169,133 @@ def test_score_pairs_batches_like_one_batch():
         c1, r1 = split_pairs(SequenceScorer(model)(**collate_pairs(pairs, PAD).as_kwargs()))
     torch.testing.assert_close(c, c1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r, r1, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- shared-prompt path (prompt once)
+
+
+def test_collate_shared_prompt_by_hand():
+    pairs = EncodedPairs([[5, 6, 7], [8]], [[9], [10, 11]], [[12, 13], [14]])
+    batch = collate_shared_prompt(pairs, pad_token_id=0)
+    assert batch.prompt_ids.tolist() == [[5, 6, 7], [0, 0, 8]]  # left-padded: same last column
+    assert batch.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch.response_ids.tolist() == [[9, 0], [10, 11], [12, 13], [14, 0]]  # chosen, rejected
+    assert batch.response_mask.tolist() == [[1, 0], [1, 1], [1, 1], [1, 0]]
+    with pytest.raises(ValueError, match=r"pair\(s\) \[1\] have an empty prompt"):
+        collate_shared_prompt(EncodedPairs([[5], []], [[1], [2]], [[3], [4]]), 0)
+
+
+def test_repeated_cache_copies_rows_without_touching_the_prompt_cache():
+    model = gpt2()
+    prompt = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    out = model.get_decoder()(input_ids=prompt, use_cache=True)
+    before = [layer.keys.clone() for layer in out.cache.layers]
+    rep = _repeated_cache(out.cache, 2)
+    for layer, orig, rl in zip(out.cache.layers, before, rep.layers, strict=True):
+        assert rl.keys.shape[0] == 4
+        torch.testing.assert_close(rl.keys[:2], orig, rtol=0, atol=0)  # chosen rows
+        torch.testing.assert_close(rl.keys[2:], orig, rtol=0, atol=0)  # rejected rows
+        torch.testing.assert_close(rl.values[2:], layer.values, rtol=0, atol=0)
+        assert torch.equal(layer.keys, orig) and layer.keys.shape[0] == 2
+
+
+@pytest.mark.parametrize("make_model", [gpt2, llama, lora_gpt2], ids=["gpt2", "llama", "lora"])
+def test_shared_prompt_logps_match_naive_loop_and_fast_path(make_model):
+    model = make_model()
+    pairs = random_pairs(6, seed=11)
+    assert len({len(p) for p in pairs.prompt}) > 2  # prompts of several lengths in one batch
+    scorer = SequenceScorer(model)
+    assert scorer.shared_prompt
+    batch = scorer.collate(pairs, PAD)
+    assert isinstance(batch, SharedPromptBatch)
+    with torch.no_grad():
+        chosen, rejected = split_pairs(scorer(**batch.as_kwargs()))
+        fast = SequenceScorer(model, shared_prompt=False)
+        fast_c, fast_r = split_pairs(fast(**collate_pairs(pairs, PAD, "right").as_kwargs()))
+    want_c = [naive_logp(model, p, c) for p, c in zip(pairs.prompt, pairs.chosen, strict=True)]
+    want_r = [naive_logp(model, p, r) for p, r in zip(pairs.prompt, pairs.rejected, strict=True)]
+    for got, want in ((chosen, want_c), (rejected, want_r)):
+        torch.testing.assert_close(
+            got.double(), torch.tensor(want, dtype=torch.float64), atol=2e-5, rtol=1e-5
+        )
+    torch.testing.assert_close(chosen, fast_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, fast_r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_model", [gpt2, llama, lora_gpt2], ids=["gpt2", "llama", "lora"])
+def test_shared_prompt_gradients_equal_fast_path(make_model):
+    pairs = random_pairs(5, seed=13)
+    weights = torch.linspace(-1.0, 2.0, 10)  # a loss that weighs every row differently
+    grads = []
+    for shared in (True, False):
+        model = make_model()
+        scorer = SequenceScorer(model, shared_prompt=shared)
+        assert scorer.shared_prompt is shared
+        (weights * scorer(**scorer.collate(pairs, PAD).as_kwargs())).sum().backward()
+        grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
+    assert grads[0].shape == grads[1].shape and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_falls_back_where_it_does_not_apply():
+    model = gpt2()
+    assert not SequenceScorer(model, fast=False).shared_prompt  # the full-logits reference path
+    assert not SequenceScorer(model, shared_prompt=False).shared_prompt
+    pairs = EncodedPairs([[3, 4], []], [[5], [6]], [[7], [8]])  # an empty prompt
+    batch = SequenceScorer(model).collate(pairs, PAD)
+    assert isinstance(batch, SequenceBatch)
+    from transformers import GPTNeoXConfig
+
+    neox = AutoModelForCausalLM.from_config(
+        GPTNeoXConfig(
+            num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+            vocab_size=VOCAB, max_position_embeddings=32,
+        )
+    )  # fmt: skip
+    assert supports_fast_path(neox) and not supports_shared_prompt(neox)
+    assert not SequenceScorer(neox).shared_prompt
+
+
+def test_score_pairs_shared_prompt_equals_two_sequence_path():
+    model = gpt2()
+    pairs = random_pairs(7, seed=17)
+    c, r = score_pairs(SequenceScorer(model), pairs, pad_token_id=PAD, batch_size=3)
+    c0, r0 = score_pairs(
+        SequenceScorer(model, shared_prompt=False), pairs, pad_token_id=PAD, batch_size=3
+    )
+    torch.testing.assert_close(c, c0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, r0, atol=1e-5, rtol=1e-5)
+    want = [naive_logp(model, p, y) for p, y in zip(pairs.prompt, pairs.chosen, strict=True)]
+    torch.testing.assert_close(
+        c.double(), torch.tensor(want, dtype=torch.float64), atol=2e-5, rtol=1e-5
+    )
+
+
+def test_train_step_shared_prompt_equals_two_sequence_path():
+    """Two GR-DPO steps, online reference, with and without sharing: the same objective, group
+    estimates, α and gradient norm (parameters are not compared: Adam's first steps move each
+    weight by ≈ lr·sign(g), which turns 1e-9 float noise in a near-zero gradient into lr)."""
+    from grpo.trainer import PreferenceTrainer, TrainConfig
+
+    pairs = random_pairs(8, seed=19)
+    groups = torch.tensor([0, 1] * 4)
+    runs = []
+    for shared in (True, False):
+        cfg = TrainConfig(
+            method="gr-dpo", batch_size=4, reference="online", shared_prompt=shared,
+            lr=1e-2, eta_alpha=1.0, progress=False,
+        )  # fmt: skip
+        trainer = PreferenceTrainer(
+            gpt2().train(), pairs, groups, ["a", "b"], cfg, pad_token_id=PAD,
+            reference_model=gpt2(),
+        )  # fmt: skip
+        assert trainer.scorer.shared_prompt is shared
+        runs.append([trainer.train_step(torch.arange(4) + 4 * s) for s in range(2)])
+    for a, b in zip(*runs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["grad_norm"] > 0
+        torch.testing.assert_close(a["group_estimates"], b["group_estimates"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a["alpha"], b["alpha"], rtol=1e-5, atol=1e-7)

@@ -17,7 +17,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup setup-bench run test test-fast lint format bench reproduce clean
+.PHONY: help setup setup-bench stores run test test-fast lint format bench reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -33,8 +33,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup-bench: setup  ## add the benchmark peers (TRL, psutil)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
 
-run: setup  ## run the retraining pipeline on embedded defaults (generated data, tiny model)
+run: setup stores  ## run the retraining pipeline on embedded defaults (generated data, tiny model)
 	$(GRPO) run
+
+stores: .prefect/prefect.db mlruns/mlflow.db  ## create the local Prefect and MLflow databases (one-off, ~20 s)
+
+.prefect/prefect.db: | $(VENV)/.installed
+	mkdir -p .prefect
+	$(VENV)/bin/prefect server database upgrade -y >/dev/null
+
+mlruns/mlflow.db: | $(VENV)/.installed
+	mkdir -p mlruns
+	$(PY) -c "import mlflow; mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db'); mlflow.MlflowClient().search_experiments()" 2>/dev/null
 
 test: setup  ## run the whole test suite
 	$(PY) -m pytest -q

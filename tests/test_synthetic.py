@@ -309,7 +309,12 @@ def test_cli_mlflow_logs_one_run_per_scenario_and_method(tmp_path, monkeypatch):
 
 def test_group_moment_forms_equal_the_per_pair_ipo_functions():
     from grpo.groups import group_means
-    from grpo.synthetic.policy import group_moments, ipo_closed_form_grouped, ipo_group_losses
+    from grpo.synthetic.policy import (
+        group_moments,
+        ipo_closed_form_grouped,
+        ipo_group_losses,
+        ipo_group_losses_scaled,
+    )
 
     gen = torch.Generator().manual_seed(3)
     d = torch.randn(2, 40, 4, generator=gen, dtype=torch.float64)
@@ -321,6 +326,16 @@ def test_group_moment_forms_equal_the_per_pair_ipo_functions():
         ipo_loss(margins(theta, d.transpose(1, 2).contiguous()), 0.1), idx.unsqueeze(1), 2
     )
     torch.testing.assert_close(ipo_group_losses(theta, gram, sums, sizes, 0.1), per_pair)
+    # the loop's form: moments divided by N_g once, 1/β and 1/(4β²) precomputed
+    inv = (1.0 / sizes).view(2, 2, 1, 1)
+    scaled = ipo_group_losses_scaled(
+        theta,
+        (gram * inv).permute(0, 2, 1, 3).reshape(2, 4, 8),
+        (sums * inv.view(2, 2, 1)).transpose(1, 2),
+        10.0,
+        25.0,
+    )
+    torch.testing.assert_close(scaled, per_pair)
     w = torch.softmax(torch.randn(2, 3, 2, generator=gen, dtype=torch.float64), -1)
     grouped = ipo_closed_form_grouped(
         gram, sums, pair_coefficients(w, torch.arange(2), sizes, 40), 0.1, 0.5
@@ -338,4 +353,22 @@ def test_float32_sweep_agrees_with_float64():
             other = b.scenarios[name].methods[m]
             torch.testing.assert_close(
                 other.val_group_loss.double(), r.val_group_loss, rtol=1e-4, atol=1e-4
+            )
+
+
+def test_worker_processes_split_the_seeds_without_changing_numbers():
+    """Two worker processes (seeds 2021-2022 | 2023) give the numbers of one process, in seed
+    order; the last seed equals a sweep of that seed alone; progress reaches the last step."""
+    one = run_sweep(SyntheticConfig(seeds=3, iterations=120, workers=1))
+    seen: list[int] = []
+    two = run_sweep(SyntheticConfig(seeds=3, iterations=120, workers=2), progress=seen.append)
+    alone = run_sweep(SyntheticConfig(seeds=1, first_seed=2023, iterations=120, workers=1))
+    assert seen[-1] == 120
+    for name, sc in one.scenarios.items():
+        for m, r in sc.methods.items():
+            other = two.scenarios[name].methods[m]
+            for f in ("worst_val_curve", "val_group_loss", "reward_error", "theta"):
+                torch.testing.assert_close(getattr(other, f), getattr(r, f), rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                other.theta[2:], alone.scenarios[name].methods[m].theta, rtol=1e-12, atol=0
             )

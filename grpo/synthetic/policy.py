@@ -106,6 +106,25 @@ def ipo_group_losses(
     return (quad - lin / beta) / sizes + 0.25 / (beta * beta)
 
 
+def ipo_group_losses_scaled(
+    theta: torch.Tensor,
+    gram_by_group: torch.Tensor,
+    mean_t: torch.Tensor,
+    inv_beta: torch.Tensor | float,
+    const: torch.Tensor | float,
+) -> torch.Tensor:
+    """:func:`ipo_group_losses` with the per-group moments divided by N_g once, for a loop:
+
+    L_g = θᵀ(G_g/N_g)θ − θᵀ(s_g/N_g)/β + 1/(4β²). theta (S, M, d); gram_by_group (S, d, K·d),
+    column block g = G_g/N_g (``(G/N).permute(0, 2, 1, 3).reshape(S, d, K·d)``); mean_t (S, d, K)
+    = (s_g/N_g)ᵀ; inv_beta = 1/β and const = 1/(4β²), floats or (S, M, 1) → (S, M, K).
+    """
+    s, d, k = mean_t.shape
+    g_theta = torch.matmul(theta, gram_by_group).view(s, -1, k, d)  # (G_g θ / N_g)ᵀ
+    quad = (g_theta * theta.unsqueeze(2)).sum(-1)
+    return quad - torch.matmul(theta, mean_t) * inv_beta + const
+
+
 def ipo_closed_form_grouped(
     gram: torch.Tensor,
     sums: torch.Tensor,

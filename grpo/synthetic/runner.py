@@ -38,7 +38,6 @@ from grpo.groups import (
     fixed_group_weights,
     group_counts,
     group_means,
-    group_sums,
     mirror_ascent_step,
     mix_weights,
     pair_coefficients,
@@ -56,10 +55,9 @@ from grpo.synthetic.env import (
     make_dataset,
 )
 from grpo.synthetic.policy import (
-    dpo_gradient,
     group_moments,
     ipo_closed_form_grouped,
-    ipo_group_losses,
+    ipo_group_losses_scaled,
     margins,
     policy_logits,
 )
@@ -122,6 +120,7 @@ class SyntheticConfig:
     chi: float = 1.0
     ridge: float = 0.0  # λ of the closed-form IPO solve
     threads: int = 1  # torch intra-op threads while sweeping (tiny tensors: 1 is fastest)
+    workers: int = 2  # processes, each with a share of the seeds (fork; 1 = this process only)
     dtype: str = "float64"  # "float32" halves the per-pair arithmetic (results agree to ~1e-5)
 
     def __post_init__(self) -> None:
@@ -143,7 +142,15 @@ class SyntheticConfig:
             )
         if self.labels not in LABEL_TYPES:
             raise ValueError(f"labels must be one of {LABEL_TYPES}, got {self.labels!r}")
-        for name in ("seeds", "record_every", "train_pairs", "val_pairs", "test_states", "threads"):
+        for name in (
+            "seeds",
+            "record_every",
+            "train_pairs",
+            "val_pairs",
+            "test_states",
+            "threads",
+            "workers",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.iterations < 0:
@@ -273,38 +280,61 @@ def _run_all(
     eta_theta, beta, eta_alpha = (hyper[..., i : i + 1].contiguous() for i in range(3))
     alpha = torch.cat([_initial_weights(m, sizes) for m in cols], dim=1)  # (S, M, K)
     coef = pair_coefficients(weights_of(alpha, r0, r1, cfg.chi), g_train, sizes, n_pairs)
+    # Full batch, so the group-loss estimator and the pair coefficients are linear maps given by
+    # pair_coefficients itself: row g of ``member`` (w = e_g) is 1{g(i)=g}/N_g, i.e. ℓ @ memberᵀ
+    # are the group means L_g and w @ member the coefficients c_i = w_{g(i)}/N_{g(i)};
+    # ``inv_sizes`` (w = 1 per group) is 1/N_g, the IPO solve's c_g = w_g/N_g.
+    member = pair_coefficients(torch.eye(k, dtype=torch.float64), g_train, sizes, n_pairs)
+    inv_sizes = pair_coefficients(torch.ones(k, dtype=torch.float64), _GROUP_IDS, sizes, n_pairs)
     theta = torch.stack([ds.theta0 for ds in datasets]).unsqueeze(1).repeat(1, n_cols, 1)
     gram, sums = group_moments(d_train, g_train.squeeze(1), k)
     dt = getattr(torch, cfg.dtype)
-    d_train, d_train_t, d_val_t = d_train.to(dt), d_train_t.to(dt), d_val_t.to(dt)
-    theta, coef, beta, eta_theta = theta.to(dt), coef.to(dt), beta.to(dt), eta_theta.to(dt)
-    gram, sums = gram.to(dt), sums.to(dt)
+    s_all, d = len(datasets), d_train.shape[-1]
+    # One gradient step θ ← θ − η_θ ∇ with ∇ = −β Σ_i c_i σ(−βh_i)Δφ_i is θ += Σ_i (η_θ β c_i)
+    # σ(−βh_i) Δφ_i: the constant η_θ β is folded into the coefficients once.
+    step_scale = (eta_theta * beta)[:, :n_dpo]
     state = {
-        "d": d_train,
-        "d_t": d_train_t,
-        "g": g_train,
-        "sizes": sizes,
-        "gram": gram,
-        "sums": sums,
-        "theta": theta,
-        "coef": coef,
-        "beta": beta,
-        "alpha": alpha,
-        "eta_theta": eta_theta,
-        "eta_alpha": eta_alpha,
+        "d": d_train.to(dt),
+        "d_t": d_train_t.to(dt),
+        "member": member.to(dt),
+        "member_t": member.transpose(1, 2).contiguous().to(dt),
+        "inv_sizes": inv_sizes.to(dt),
+        "gram": gram.to(dt),
+        "gram_flat": gram.reshape(s_all, k, d * d).to(dt),
+        "sums": sums.to(dt),
+        "theta_dpo": theta[:, :n_dpo].contiguous().to(dt),
+        "theta_ipo": theta[:, n_dpo:].contiguous().to(dt),
+        "scaled_coef": (coef[:, :n_dpo] * step_scale).contiguous().to(dt),
+        "step_scale_rob": step_scale[:, r0:].contiguous().to(dt),
+        "neg_beta_dpo": (-beta[:, :n_dpo]).contiguous().to(dt),
+        "beta_dpo_rob": beta[:, r0:n_dpo].contiguous().to(dt),
+        "beta_ipo": beta[:, n_dpo:].contiguous().to(dt),
+        "alpha_rob": alpha[:, r0:r1].contiguous(),
+        "eta_alpha_rob": eta_alpha[:, r0:r1].contiguous(),
+        "weights_ipo_fixed": alpha[:, r1:].contiguous(),  # fixed columns keep w in α
     }
+    beta_val = beta.to(dt)
+
+    def full_theta() -> torch.Tensor:
+        return torch.cat([state["theta_dpo"], state["theta_ipo"]], dim=1).to(torch.float64)
+
+    def full_alpha() -> torch.Tensor:
+        a = alpha.clone()
+        a[:, r0:r1] = state["alpha_rob"]
+        return a
 
     def val_group_losses(start: int) -> torch.Tensor:
-        h = margins(theta[start:], d_val_t[start:])
+        h = margins(torch.cat([state["theta_dpo"], state["theta_ipo"]], 1)[start:], d_val_t[start:])
         pair = torch.cat(
             [
-                dpo_loss(h[:, :n_dpo], beta[start:, :n_dpo]),
-                ipo_loss(h[:, n_dpo:], beta[start:, n_dpo:]),
+                dpo_loss(h[:, :n_dpo], beta_val[start:, :n_dpo]),
+                ipo_loss(h[:, n_dpo:], beta_val[start:, n_dpo:]),
             ],
             dim=1,
         )
         return group_means(pair, g_val[start:], k)
 
+    d_val_t = d_val_t.to(dt)
     records: list[tuple[int, int, torch.Tensor]] = []  # (t, start, val group losses (S_act, M, K))
     finals: dict[int, dict[str, torch.Tensor]] = {}
     total = max(seg.iterations for seg in segments)
@@ -317,21 +347,23 @@ def _run_all(
     for t in range(total + 1):
         if start != pending[0].start:
             start = pending[0].start
-            v = _Views(state, start, n_dpo, r0, r1)
+            v = _Views(state, start, n_dpo, r0, r1, cfg)
         if t in to_record:
             records.append((t, start, val_group_losses(start)))
             tick(t)
         while pending and pending[0].iterations == t:
             seg = pending.pop(0)
             finals[seg.start] = {
-                "theta": theta[seg.start : seg.stop].clone(),
-                "weights": weights_of(alpha, r0, r1, cfg.chi)[seg.start : seg.stop],
+                "theta": full_theta()[seg.start : seg.stop],
+                "weights": weights_of(full_alpha(), r0, r1, cfg.chi)[seg.start : seg.stop],
             }
         if not pending:
             break
         if pending[0].start != start:
             continue  # finished data sets leave the batch before the next step
-        _step(v, t, n_pairs, cfg)
+        if t == 0:
+            v.solve_fixed_ipo()  # fixed weights: one solve gives the optimum
+        v.step()
 
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for seg in segments:
@@ -341,8 +373,8 @@ def _run_all(
         final = finals[seg.start]
         for j, m in enumerate(cols):
             out[(seg.scenario.name, m.name)] = {
-                "curve": curve[:, j],
-                "val_group_loss": rows[steps[-1]][:, j],
+                "curve": curve[:, j].to(torch.float64),
+                "val_group_loss": rows[steps[-1]][:, j].to(torch.float64),
                 "theta": final["theta"][:, j],
                 "weights": final["weights"][:, j],
             }
@@ -356,61 +388,98 @@ def weights_of(alpha: torch.Tensor, r0: int, r1: int, chi: float) -> torch.Tenso
     return w
 
 
-class _Views:
-    """Slices of the batch state for the active data sets [start:], made once per batch change."""
-
-    def __init__(self, state: dict[str, torch.Tensor], start: int, n_dpo: int, r0: int, r1: int):
-        st = {k: v[start:] for k, v in state.items()}
-        self.n_dpo, self.r0, self.r1 = n_dpo, r0, r1
-        self.d, self.d_t, self.g, self.sizes = st["d"], st["d_t"], st["g"], st["sizes"]
-        self.gram, self.sums = st["gram"], st["sums"]
-        th, co, be, al = st["theta"], st["coef"], st["beta"], st["alpha"]
-        self.theta_dpo, self.coef_dpo, self.beta_dpo = th[:, :n_dpo], co[:, :n_dpo], be[:, :n_dpo]
-        self.eta_theta_dpo = st["eta_theta"][:, :n_dpo]
-        self.alpha_rob, self.eta_alpha_rob = al[:, r0:r1], st["eta_alpha"][:, r0:r1]
-        self.coef_dpo_rob, self.beta_dpo_rob = co[:, r0:n_dpo], be[:, r0:n_dpo]
-        self.theta_ipo_rob, self.beta_ipo_rob = th[:, n_dpo:r1], be[:, n_dpo:r1]
-        self.theta_ipo_fixed, self.beta_ipo_fixed = th[:, r1:], be[:, r1:]
-        self.weights_ipo_fixed = al[:, r1:]  # fixed-weight columns keep w in α (η_α = 0)
-
-
 _GROUP_IDS = torch.arange(NUM_GROUPS)
 
 
-def _step(v: _Views, t: int, n_pairs: int, cfg: SyntheticConfig) -> None:
-    """One step of Algorithm 1 for every active run, in place: α first, then θ with the new α.
+class _Views:
+    """The state of the active data sets [start:] (views: updates land in the full tensors) and
+    one step of Algorithm 1 for all of them; made once per batch change.
 
-    DPO runs: per-pair losses from the margins h = θᵀΔφ, gradient step. IPO runs: the group losses
-    and the closed form come from the group moments (exact; the IPO loss is quadratic in θ).
+    Every block of columns (DPO, robust, IPO) is its own contiguous tensor, so a step does no
+    gathers or copies of non-contiguous slices; a step is ~25 small torch calls.
     """
-    n_dpo_rob = v.n_dpo - v.r0
-    h = margins(v.theta_dpo, v.d_t) if v.n_dpo else None  # (S, n_dpo, N)
-    if v.r1 > v.r0:
-        parts = []
-        if n_dpo_rob:
-            pair = dpo_loss(h[:, v.r0 :], v.beta_dpo_rob)
-            parts.append(group_sums(pair, v.g, NUM_GROUPS) / v.sizes)  # full batch: group means
-        if v.r1 > v.n_dpo:
-            parts.append(ipo_group_losses(v.theta_ipo_rob, v.gram, v.sums, v.sizes, v.beta_ipo_rob))
-        group_loss = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        v.alpha_rob.copy_(mirror_ascent_step(v.alpha_rob, group_loss, v.eta_alpha_rob))
-        weights = mix_weights(v.alpha_rob, cfg.chi)
-        if n_dpo_rob:
-            v.coef_dpo_rob.copy_(pair_coefficients(weights[:, :n_dpo_rob], v.g, v.sizes, n_pairs))
-        if v.r1 > v.n_dpo:
-            group_coef = pair_coefficients(weights[:, n_dpo_rob:], _GROUP_IDS, v.sizes, n_pairs)
-            group_coef = group_coef.to(v.gram.dtype)
-            v.theta_ipo_rob.copy_(
-                ipo_closed_form_grouped(v.gram, v.sums, group_coef, v.beta_ipo_rob, cfg.ridge)
+
+    def __init__(
+        self,
+        state: dict[str, torch.Tensor],
+        start: int,
+        n_dpo: int,
+        r0: int,
+        r1: int,
+        cfg: SyntheticConfig,
+    ):
+        st = {key: val[start:] for key, val in state.items()}
+        self.st, self.chi, self.ridge = st, cfg.chi, cfg.ridge
+        self.n_dpo, self.n_dpo_rob, self.n_ipo_rob = n_dpo, n_dpo - r0, r1 - n_dpo
+        self.robust = r1 > r0
+        self.r0 = r0
+        self.theta_ipo_rob = st["theta_ipo"][:, : self.n_ipo_rob]
+        self.beta_ipo_rob = st["beta_ipo"][:, : self.n_ipo_rob]
+        if self.n_ipo_rob:
+            self.inv_beta_ipo_rob = 1.0 / self.beta_ipo_rob
+            self.const_ipo_rob = 0.25 / (self.beta_ipo_rob * self.beta_ipo_rob)
+            s, k, d = st["sums"].shape
+            # (S, d, K·d): θ @ it gives (G_g θ)ᵀ for every group; ΣΔφ / N_g transposed
+            self.gram_by_group = (
+                (st["gram"] * st["inv_sizes"].view(s, k, 1, 1)).permute(0, 2, 1, 3)
+            ).reshape(s, d, k * d)
+            self.mean_t = (st["sums"] * st["inv_sizes"].view(s, k, 1)).transpose(1, 2).contiguous()
+        self.rob_coef = st["scaled_coef"][:, r0:]
+
+    def solve_fixed_ipo(self) -> None:
+        st = self.st
+        if st["theta_ipo"].shape[1] > self.n_ipo_rob:
+            group_coef = st["weights_ipo_fixed"].to(st["gram"].dtype) * st["inv_sizes"]
+            st["theta_ipo"][:, self.n_ipo_rob :].copy_(
+                ipo_closed_form_grouped(
+                    st["gram"],
+                    st["sums"],
+                    group_coef,
+                    st["beta_ipo"][:, self.n_ipo_rob :],
+                    self.ridge,
+                )
             )
-    if v.n_dpo:
-        v.theta_dpo.sub_(v.eta_theta_dpo * dpo_gradient(h, v.d, v.coef_dpo, v.beta_dpo))
-    if t == 0 and v.theta_ipo_fixed.shape[1]:  # fixed weights: one solve gives the optimum
-        group_coef = pair_coefficients(v.weights_ipo_fixed, _GROUP_IDS, v.sizes, n_pairs)
-        group_coef = group_coef.to(v.gram.dtype)
-        v.theta_ipo_fixed.copy_(
-            ipo_closed_form_grouped(v.gram, v.sums, group_coef, v.beta_ipo_fixed, cfg.ridge)
-        )
+
+    def step(self) -> None:
+        """One step for every active run, in place: α first, then θ with the new α.
+
+        DPO runs: per-pair losses from the margins h = θᵀΔφ, gradient step. IPO runs: the group
+        losses and the closed form come from the group moments (exact; the IPO loss is quadratic).
+        """
+        st = self.st
+        h = torch.matmul(st["theta_dpo"], st["d_t"]) if self.n_dpo else None  # (S, n_dpo, N)
+        if self.robust:
+            parts = []
+            if self.n_dpo_rob:  # full batch: the group means, as ℓ @ memberᵀ
+                pair = dpo_loss(h[:, self.r0 :], st["beta_dpo_rob"])
+                parts.append(torch.matmul(pair, st["member_t"]))
+            if self.n_ipo_rob:
+                parts.append(
+                    ipo_group_losses_scaled(
+                        self.theta_ipo_rob,
+                        self.gram_by_group,
+                        self.mean_t,
+                        self.inv_beta_ipo_rob,
+                        self.const_ipo_rob,
+                    )
+                )
+            group_loss = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            alpha = st["alpha_rob"]
+            alpha.copy_(mirror_ascent_step(alpha, group_loss, st["eta_alpha_rob"]))
+            weights = mix_weights(alpha, self.chi).to(st["d"].dtype)
+            if self.n_dpo_rob:  # c_i = w_{g(i)} / N_{g(i)}, times η_θ β
+                w = weights[:, : self.n_dpo_rob] * st["step_scale_rob"]
+                self.rob_coef.copy_(torch.matmul(w, st["member"]))
+            if self.n_ipo_rob:
+                group_coef = weights[:, self.n_dpo_rob :] * st["inv_sizes"]
+                self.theta_ipo_rob.copy_(
+                    ipo_closed_form_grouped(
+                        st["gram"], st["sums"], group_coef, self.beta_ipo_rob, self.ridge
+                    )
+                )
+        if self.n_dpo:
+            s = torch.sigmoid(h.mul_(st["neg_beta_dpo"]))
+            st["theta_dpo"].baddbmm_(s.mul_(st["scaled_coef"]), st["d"])
 
 
 def reward_errors(
@@ -483,39 +552,112 @@ def _sweep_seeds(
     return {s: results[s] for s in cfg.scenarios}
 
 
+_FIELDS = ("worst_val_curve", "val_group_loss", "reward_error", "group_weights", "theta")
+
+
+def _merge(
+    cfg: SyntheticConfig, parts: list[dict[str, ScenarioResult]]
+) -> dict[str, ScenarioResult]:
+    """Concatenate per-seed-chunk results (in seed order) into one result per scenario."""
+    scenarios = {}
+    for name in cfg.scenarios:
+        first = parts[0][name]
+        merged = ScenarioResult(name, first.iterations, first.steps)
+        for m in cfg.methods:
+            merged.methods[m] = MethodRuns(
+                *(torch.cat([getattr(p[name].methods[m], f) for p in parts]) for f in _FIELDS)
+            )
+        scenarios[name] = merged
+    return scenarios
+
+
+_PROGRESS: dict = {}  # a worker's shared progress counter (set by the pool initializer)
+
+
+def _init_worker(counter) -> None:
+    _PROGRESS["counter"] = counter
+
+
+def _worker(job: tuple[SyntheticConfig, int, list[int]]) -> dict:
+    cfg, index, seeds = job
+    counter = _PROGRESS.get("counter")
+
+    def tick(t: int) -> None:
+        if index == 0 and counter is not None:  # worker 0 reports; the parent shows it
+            counter.value = t
+
+    with _threads(cfg.threads), torch.inference_mode():
+        result = _sweep_seeds(cfg, seeds, tick)
+    # plain numpy arrays: torch's own pickling of tensors goes through shared-memory file
+    # descriptors, which hung here
+    return {
+        name: (
+            sc.iterations,
+            sc.steps,
+            {m: [getattr(r, f).numpy() for f in _FIELDS] for m, r in sc.methods.items()},
+        )
+        for name, sc in result.items()
+    }
+
+
+def _from_worker(part: dict) -> dict[str, ScenarioResult]:
+    out = {}
+    for name, (iterations, steps, methods) in part.items():
+        sc = ScenarioResult(name, iterations, steps)
+        for m, arrays in methods.items():
+            sc.methods[m] = MethodRuns(*(torch.from_numpy(a) for a in arrays))
+        out[name] = sc
+    return out
+
+
+def _sweep_in_workers(
+    cfg: SyntheticConfig, tick: Callable[[int], None]
+) -> dict[str, ScenarioResult]:
+    """Split the seeds into ``cfg.workers`` contiguous chunks, one process each (every run is
+    independent, so this changes no number; each process keeps ``cfg.threads`` threads).
+
+    The workers are forked (no re-import of torch or of ``__main__``).
+    """
+    import multiprocessing
+
+    seeds = cfg.seed_list
+    n = min(cfg.workers, len(seeds))
+    bounds = [round(i * len(seeds) / n) for i in range(n + 1)]
+    jobs = [(cfg, i, seeds[bounds[i] : bounds[i + 1]]) for i in range(n)]
+    ctx = multiprocessing.get_context("fork")
+    counter = ctx.Value("q", -1, lock=False)
+    with ctx.Pool(n, initializer=_init_worker, initargs=(counter,)) as pool:
+        pending = pool.map_async(_worker, jobs, chunksize=1)
+        seen = -1
+        while not pending.ready():
+            pending.wait(0.05)
+            if counter.value != seen:
+                seen = counter.value
+                tick(seen)
+        if counter.value != seen:
+            tick(counter.value)
+        parts = [_from_worker(p) for p in pending.get()]
+    return _merge(cfg, parts)
+
+
 def run_sweep(
     cfg: SyntheticConfig,
     *,
     one_seed_at_a_time: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> SweepResult:
-    """Run the sweep; batched over seeds by default, or one seed per call (for the benchmark).
+    """Run the sweep; batched over seeds by default (split over ``cfg.workers`` processes), or one
+    seed per call in this process (for the benchmark).
 
     ``progress(t)`` is called at every recorded iteration t (for a progress bar).
     """
     tick = progress or (lambda t: None)
     began = time.perf_counter()
+    if not one_seed_at_a_time and cfg.workers > 1 and cfg.seeds > 1:
+        return SweepResult(cfg, _sweep_in_workers(cfg, tick), time.perf_counter() - began)
     with _threads(cfg.threads), torch.inference_mode():
         if not one_seed_at_a_time:
             scenarios = _sweep_seeds(cfg, cfg.seed_list, tick)
         else:
-            parts = [_sweep_seeds(cfg, [seed], tick) for seed in cfg.seed_list]
-            scenarios = {}
-            for name in cfg.scenarios:
-                first = parts[0][name]
-                merged = ScenarioResult(name, first.iterations, first.steps)
-                for m in cfg.methods:
-                    merged.methods[m] = MethodRuns(
-                        *(
-                            torch.cat([getattr(p[name].methods[m], f) for p in parts])
-                            for f in (
-                                "worst_val_curve",
-                                "val_group_loss",
-                                "reward_error",
-                                "group_weights",
-                                "theta",
-                            )
-                        )
-                    )
-                scenarios[name] = merged
+            scenarios = _merge(cfg, [_sweep_seeds(cfg, [seed], tick) for seed in cfg.seed_list])
     return SweepResult(cfg, scenarios, time.perf_counter() - began)

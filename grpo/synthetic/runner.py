@@ -11,8 +11,9 @@ Each run follows Algorithm 1 with full batches (``docs/algorithm.md`` §2): at s
 using the trainer's own pieces: :func:`grpo.losses.dpo_loss` (GR-DPO's training group losses,
 every method's validation losses), :func:`grpo.losses.ipo_loss` (validation),
 :func:`grpo.groups.mirror_ascent_step`, :func:`grpo.groups.mix_weights`,
-:func:`grpo.groups.fixed_group_weights`, :func:`grpo.groups.pair_coefficients` and
-:func:`grpo.groups.group_sums` / :func:`grpo.groups.group_means`. GR-IPO's training group losses
+:func:`grpo.groups.fixed_group_weights`, :func:`grpo.groups.pair_coefficients` (also as the
+membership matrix 1{g(i)=g}/N_g that turns per-pair losses into the training group means with
+one batched product) and :func:`grpo.groups.group_means` (validation curves). GR-IPO's training group losses
 and every IPO solve use the per-group moments Σ ΔφΔφᵀ, Σ Δφ instead of per-pair tensors (exact: the
 IPO loss is quadratic in θ; tests check them against ``ipo_loss`` and the per-pair closed form).
 
@@ -120,7 +121,9 @@ class SyntheticConfig:
     chi: float = 1.0
     ridge: float = 0.0  # λ of the closed-form IPO solve
     threads: int = 1  # torch intra-op threads while sweeping (tiny tensors: 1 is fastest)
-    workers: int = 2  # processes, each with a share of the seeds (fork; 1 = this process only)
+    # processes, each with a share of the seeds (forked). 1 by default: on the shared 2-core
+    # machine 2 processes were measured slower (docs/reproduction.md, Speed)
+    workers: int = 1
     dtype: str = "float64"  # "float32" halves the per-pair arithmetic (results agree to ~1e-5)
 
     def __post_init__(self) -> None:

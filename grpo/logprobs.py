@@ -1,8 +1,7 @@
 """Summed response log-probabilities log π(y|x) for preference pairs (paper §2, eq. for h).
 
-A pair (x, y_w, y_l) is scored as two sequences, prompt+chosen and prompt+rejected, stacked into
-ONE batch of 2B rows so the model runs one forward pass per micro-batch (chosen rows first).
-Only response tokens count: prompt and padding positions are masked out.
+Scores come as 2B rows, the B chosen responses then the B rejected ones. Only response tokens
+count: prompt and padding positions are masked out.
 
 Three equivalent code paths:
 
@@ -13,13 +12,13 @@ Three equivalent code paths:
   the cached keys/values into the prompt pass. With long prompts and short answers this nearly
   halves the decoder work (``docs/training.md``). Decoder-only GPT-2 / Llama models only
   (:func:`supports_shared_prompt`); batches are :class:`SharedPromptBatch`.
-
-- **fast** (default): run the decoder body for hidden states, gather the positions t whose next
+- **fast** (the fallback; batches are :class:`SequenceBatch`: prompt+chosen and prompt+rejected
+  as 2B full sequences, one forward pass): run the decoder body for hidden states, gather the positions t whose next
   token t+1 is a response token, and apply the output embedding (the vocabulary projection) at
   those positions only. With long prompts and short answers that skips almost all of the
   (2B, T, V) logits, the largest CPU cost of a DPO step (``docs/training.md``).
 - **full**: the model's own full logits, ``log_softmax`` over every position, then masked. Kept as
-  the plain reference; the tests check both against a naive per-token loop.
+  the plain reference; the tests check all three against a naive per-token loop.
 
 Position ids are ``cumsum(attention_mask) − 1``, so left and right padding give the same values.
 """

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from flows.commands import add_params_arguments
+
 DESCRIPTION = """\
 Build the canonical preference-pair table from the configured source (params.yaml `data:`),
 write it to data/pairs.parquet, `dvc add data` (-> data.dvc) and `dvc push` it to the default
@@ -46,17 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a params.yaml value (repeatable), e.g. data.source=globalopinionqa",
-    )
+    add_params_arguments(parser, "data.source=globalopinionqa")
     parser.add_argument(
         "--no-dvc", action="store_true", help="write the table only (no dvc add / push)"
     )

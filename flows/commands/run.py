@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.commands import add_params_arguments
+
 DESCRIPTION = """\
 Run the retraining pipeline as a Prefect flow:
 
@@ -48,17 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a params value (repeatable), e.g. train.method=dpo",
-    )
+    add_params_arguments(parser, "train.method=dpo")
     parser.add_argument("--json", metavar="PATH", help="also write the run summary as JSON")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show Prefect's task logs (INFO)"

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from flows.commands import add_params_arguments
+
 DESCRIPTION = """\
 Serve the retrain flow as a Prefect deployment on a cron schedule: this process registers the
 deployment with the Prefect server at PREFECT_API_URL and runs every scheduled (or manually
@@ -41,17 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--name", default="grpo-retrain", help="deployment name (default: %(default)s)"
     )
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a params value for every scheduled run (repeatable)",
-    )
+    add_params_arguments(parser, "")
     parser.set_defaults(func=main)
 
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.commands import add_params_arguments
+
 STAGES = ("ingest", "validate", "train", "evaluate", "register")
 INGEST_JSON = "outputs/data/ingest.json"
 VALIDATION_JSON = "outputs/data/validation.json"
@@ -53,17 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=STAGES, help="the stage to run")
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a params value (repeatable)",
-    )
+    add_params_arguments(parser, "")
     parser.set_defaults(func=main)
 
 

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from flows.commands import add_params_arguments
+
 DESCRIPTION = """\
 Train a policy with DPO, IPO, IS-DPO, IS-IPO, GR-DPO or GR-IPO on a canonical pair table
 (JSONL, CSV or Parquet with pair_id, question_id, group, prompt, chosen, rejected, split):
@@ -40,17 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", required=True, type=Path, help="canonical pair table")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a params value (repeatable), e.g. train.method=gr-ipo",
-    )
+    add_params_arguments(parser, "train.method=gr-ipo")
     parser.add_argument(
         "--no-resume", action="store_true", help="start over even if OUT holds a checkpoint"
     )

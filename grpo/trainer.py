@@ -532,6 +532,37 @@ def load_checkpoint(trainer: PreferenceTrainer, path: Path) -> dict[str, Any]:
     return state["loop"]
 
 
+# Settings a resumed run may change: how long to train and how to report, not what is computed.
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "max_steps", "progress", "checkpoint_every", "keep_checkpoints", "eval_batch_size"}
+)
+
+
+def check_resumable(checkpoint: Path, resolved: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` under a config that changes what is computed.
+
+    The checkpoint's ``config.json`` must equal ``resolved`` except for :data:`RESUMABLE_CHANGES`
+    in the train section; the error names every differing key (start over with ``resume=False``).
+    """
+    saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    current = json.loads(json.dumps(resolved))  # same JSON types as the saved copy
+    diffs = []
+    for section in sorted(set(saved) | set(current)):
+        old, new = saved.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                exempt = section == "train" and key in RESUMABLE_CHANGES
+                if not exempt and old.get(key) != new.get(key):
+                    diffs.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        elif old != new:
+            diffs.append(f"{section}: {old!r} -> {new!r}")
+    if diffs:
+        raise ValueError(
+            f"{checkpoint}: cannot resume, the config changed ({'; '.join(diffs)}); "
+            "use another output folder or start over (--no-resume / resume=False)"
+        )
+
+
 # --------------------------------------------------------------------------- SFT
 
 
@@ -796,6 +827,7 @@ def _train(
         "history": [], "sft_losses": sft_losses,
     }  # fmt: skip
     if checkpoints:
+        check_resumable(checkpoints[-1], resolved)
         loop = load_checkpoint(trainer, checkpoints[-1])
         data_gen.set_state(loop["data_gen"])
     best_file = out_dir / "best_policy.safetensors"

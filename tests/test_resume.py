@@ -60,3 +60,17 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert untimed[0] == untimed[1]
     lr_cuts = [h for h in straight.history if h.get("train/lr_cut")]
     assert lr_cuts, "the schedule should have cut the LR (so its state is part of the test)"
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    from grpo.trainer import check_resumable
+
+    saved = {"model": {"n": 1}, "train": {"lr": 0.01, "max_steps": 10}, "groups": ["a", "b"]}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    # training longer is a resume; the same config is a resume
+    check_resumable(tmp_path, {**saved, "train": {"lr": 0.01, "max_steps": 20}})
+    check_resumable(tmp_path, saved)
+    with pytest.raises(ValueError, match=r"train\.lr: 0\.01 -> 0\.02"):
+        check_resumable(tmp_path, {**saved, "train": {"lr": 0.02, "max_steps": 10}})
+    with pytest.raises(ValueError, match=r"groups: \['a', 'b'\] -> \['a', 'c'\]"):
+        check_resumable(tmp_path, {**saved, "groups": ["a", "c"]})

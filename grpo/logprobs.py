@@ -58,8 +58,19 @@ class EncodedPairs:
         )
 
 
+class _TensorBatch:
+    """A dataclass of tensors that moves to a device together and unpacks as model kwargs."""
+
+    def to(self, device: torch.device | str):
+        fields = {k: t.to(device, non_blocking=True) for k, t in self.__dict__.items()}
+        return type(self)(**fields)
+
+    def as_kwargs(self) -> dict[str, torch.Tensor]:
+        return dict(self.__dict__)
+
+
 @dataclass
-class SequenceBatch:
+class SequenceBatch(_TensorBatch):
     """R padded sequences: ``input_ids``, ``attention_mask``, ``position_ids``, ``response_mask``
     (all (R, T); ``response_mask`` is 1 on response tokens)."""
 
@@ -68,17 +79,9 @@ class SequenceBatch:
     position_ids: torch.Tensor
     response_mask: torch.Tensor
 
-    def to(self, device: torch.device | str) -> SequenceBatch:
-        return SequenceBatch(
-            *(t.to(device, non_blocking=True) for t in self.__dict__.values())  # type: ignore[arg-type]
-        )
-
-    def as_kwargs(self) -> dict[str, torch.Tensor]:
-        return dict(self.__dict__)
-
 
 @dataclass
-class SharedPromptBatch:
+class SharedPromptBatch(_TensorBatch):
     """B pairs with each prompt stored once.
 
     ``prompt_ids`` / ``prompt_mask`` (B, P): prompts LEFT-padded, so every prompt's last token is
@@ -90,14 +93,6 @@ class SharedPromptBatch:
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
-
-    def to(self, device: torch.device | str) -> SharedPromptBatch:
-        return SharedPromptBatch(
-            *(t.to(device, non_blocking=True) for t in self.__dict__.values())  # type: ignore[arg-type]
-        )
-
-    def as_kwargs(self) -> dict[str, torch.Tensor]:
-        return dict(self.__dict__)
 
 
 def join_response(prompt: str, response: str) -> str:

@@ -415,3 +415,57 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def trl_dataset(workdir: Path, eos: str):
+    """The benchmark pairs as TRL's prompt/chosen/rejected dataset (responses end with EOS)."""
+    from datasets import Dataset
+
+    pairs = read_jsonl(workdir / "pairs.jsonl")
+    return Dataset.from_list(
+        [
+            {
+                "prompt": p["prompt"],
+                "chosen": trl_response(p["prompt"], p["chosen"], eos),
+                "rejected": trl_response(p["prompt"], p["rejected"], eos),
+            }
+            for p in pairs
+        ]
+    )
+
+
+def trl_config(s: BenchSettings, out_dir: str | Path, steps: int):
+    """TRL's DPOConfig for the comparison: sigmoid loss, precomputed reference log-probs, the
+    same AdamW/lr/clipping as ours, bf16 and gradient checkpointing off, no logging/eval/saving."""
+    import torch
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=s.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim=s.optim,
+        max_grad_norm=s.max_grad_norm,
+        beta=s.beta,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=s.batch_size,
+        max_length=s.max_length,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        max_steps=steps,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=s.seed,
+        data_seed=s.seed,
+    )

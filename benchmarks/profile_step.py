@@ -25,52 +25,15 @@ EPILOG = """examples:
 
 def _trl_trainer(workdir: Path, s: BenchSettings, steps: int, out_dir: Path):
     """A TRL DPOTrainer set up exactly as in :func:`benchmarks.throughput.run_trl`."""
-    import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
-    from benchmarks._common import read_jsonl, trl_response
+    from benchmarks._common import trl_config, trl_dataset
 
     model = AutoModelForCausalLM.from_pretrained(workdir / "model")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    eos = tokenizer.eos_token
-    pairs = read_jsonl(workdir / "pairs.jsonl")
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": p["prompt"],
-                "chosen": trl_response(p["prompt"], p["chosen"], eos),
-                "rejected": trl_response(p["prompt"], p["rejected"], eos),
-            }
-            for p in pairs
-        ]
-    )
-    args = DPOConfig(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=s.batch_size,
-        learning_rate=s.lr,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        optim=s.optim,
-        max_grad_norm=s.max_grad_norm,
-        beta=s.beta,
-        loss_type=["sigmoid"],
-        precompute_ref_log_probs=True,
-        precompute_ref_batch_size=s.batch_size,
-        max_length=s.max_length,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
-        max_steps=steps,
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=s.seed,
-    )
+    dataset = trl_dataset(workdir, tokenizer.eos_token)
+    args = trl_config(s, out_dir, steps)
     return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 

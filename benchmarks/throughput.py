@@ -32,9 +32,9 @@ from benchmarks._common import (
     median,
     peak_rss_mb,
     prepare_workdir,
-    read_jsonl,
     set_threads,
-    trl_response,
+    trl_config,
+    trl_dataset,
     window_rates,
     write_json,
 )
@@ -60,26 +60,14 @@ def run_trl(workdir: Path, s: BenchSettings) -> dict[str, Any]:
     """Train with TRL's DPOTrainer (sigmoid loss, precomputed reference log-probs)."""
     set_threads(s.threads)
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     rss_after_import = peak_rss_mb()
     torch.manual_seed(s.seed)
     model = AutoModelForCausalLM.from_pretrained(workdir / "model")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    pairs = read_jsonl(workdir / "pairs.jsonl")
-    eos = tokenizer.eos_token
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": p["prompt"],
-                "chosen": trl_response(p["prompt"], p["chosen"], eos),
-                "rejected": trl_response(p["prompt"], p["rejected"], eos),
-            }
-            for p in pairs
-        ]
-    )
+    dataset = trl_dataset(workdir, tokenizer.eos_token)
     clock = StepClock()
     first_loss: list[float] = []
 
@@ -95,35 +83,7 @@ def run_trl(workdir: Path, s: BenchSettings) -> dict[str, Any]:
             return out
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
-        args = DPOConfig(
-            output_dir=out_dir,
-            per_device_train_batch_size=s.batch_size,
-            gradient_accumulation_steps=1,
-            learning_rate=s.lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            optim=s.optim,
-            max_grad_norm=s.max_grad_norm,
-            beta=s.beta,
-            loss_type=["sigmoid"],
-            precompute_ref_log_probs=True,
-            precompute_ref_batch_size=s.batch_size,
-            max_length=s.max_length,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            use_cpu=not torch.cuda.is_available(),
-            max_steps=s.total_steps,
-            logging_strategy="no",
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=s.seed,
-            data_seed=s.seed,
-        )
+        args = trl_config(s, out_dir, s.total_steps)
         t0 = time.perf_counter()
         trainer = _FirstLoss(
             model=model,

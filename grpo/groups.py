@@ -20,11 +20,20 @@ back-propagated micro-batch by micro-batch.
 - ``dpo``/``ipo`` (pooled): w_g = N_g / N, hence c_i = 1/B: the plain mean over pairs.
 - ``is-dpo``/``is-ipo`` (importance sampling): w_g = 1/K, hence c_i ∝ 1/N_g: groups count equally.
 - ``gr-dpo``/``gr-ipo`` (robust): w = (1−χ)/K + χ α, with α moved toward the worst group by
-  mirror ascent α ← α ⊙ exp(η_α (L̂ + C/√N_g)), normalised, once per optimizer step.
+  mirror ascent α ← α ⊙ exp(η_α (L̂ + C/√N_g) / ℓ₀), normalised, once per optimizer step.
+
+**One meaning of η_α for every loss.** ℓ₀ is the per-pair loss at zero margin (log 2 for DPO,
+1/(4β²) for IPO: 2,500 at β = 0.01), the value every group's loss starts from. Dividing by it
+makes η_α the change of a group's log-weight in one step for a group whose loss is at its
+starting level, whatever the method and β; without it, GR-IPO at β = 0.01 moves log α by
+η_α·2,500 per step and α is one-hot after the first step (``docs/training.md``).
+:class:`GroupWeights` keeps log α (float64) and floors it at log :data:`ALPHA_FLOOR`, so no weight
+underflows to exactly 0 and every group can come back.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +41,11 @@ import torch
 from grpo.losses import LOSS_KINDS
 
 WEIGHTINGS = ("pooled", "importance", "robust")
+# Smallest group weight α may reach: far below anything a float32 gradient can feel (1e-7
+# relative), while log α stays finite (−69) so a group recovers in a bounded number of steps.
+ALPHA_FLOOR = 1e-30
+# ``collapse_warning`` fires when one group holds more than this share of α.
+COLLAPSE_SHARE = 0.99
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,47 @@ def mirror_ascent_step(alpha: torch.Tensor, group_losses: torch.Tensor, eta: flo
     return torch.softmax(logits, dim=-1)
 
 
+def log_mirror_ascent_step(
+    log_alpha: torch.Tensor, group_losses: torch.Tensor, eta: float, floor: float = ALPHA_FLOOR
+) -> torch.Tensor:
+    """:func:`mirror_ascent_step` on log α (K,): log α ← normalise(max(log α + η L̂, log floor)).
+
+    The floor keeps every weight ≥ ``floor`` (up to the renormalisation, which moves log α by
+    at most K·floor); with ``floor = 0`` it is the exact exponentiated-gradient step.
+    """
+    logits = log_alpha + eta * group_losses.to(log_alpha.dtype)
+    logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    if floor > 0:
+        logits = logits.clamp_min(math.log(floor))
+        logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return logits
+
+
+def effective_groups(alpha: torch.Tensor) -> float:
+    """exp(entropy of α): K for uniform weights, 1 when one group holds everything."""
+    a = alpha.to(torch.float64)
+    entropy = -(a * a.clamp_min(1e-300).log()).sum()
+    return float(entropy.exp())
+
+
+def collapse_eta(alpha: torch.Tensor, eta: float, target: float = 0.5) -> float:
+    """A smaller η_α that would have left the largest weight at ``target`` instead of max α.
+
+    From a uniform start log α = η·S + const (S the accumulated normalised losses), so a step
+    size c·η gives α(c) = softmax(c·log α); the largest entry grows with c, and c ∈ (0, 1] is
+    found by bisection. Exact without LR cuts (which halve η_α) and without the floor.
+    """
+    logits = alpha.to(torch.float64).clamp_min(1e-300).log()
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if float(torch.softmax(mid * logits, -1).max()) > target:
+            hi = mid
+        else:
+            lo = mid
+    return eta * lo
+
+
 def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     """Broadcast two shapes (plain Python: ``torch.broadcast_shapes`` costs ~10 µs a call)."""
     n = max(len(a), len(b))
@@ -172,7 +227,9 @@ class GroupWeights:
     """The group weights of one training run, as explicit state.
 
     ``weights`` are the θ-step weights w (fixed for pooled/importance, (1−χ)/K + χα for robust);
-    :meth:`update` applies one mirror-ascent step from a step's loss estimates L̂ (robust only).
+    :meth:`update` applies one mirror-ascent step from a step's loss estimates L̂ (robust only),
+    divided by ``loss_scale`` (ℓ₀ of :func:`grpo.losses.loss_at_zero_margin`; 1 = raw L̂).
+    α is kept as log α, floored at :data:`ALPHA_FLOOR`.
     """
 
     def __init__(
@@ -183,6 +240,7 @@ class GroupWeights:
         eta: float = 0.0,
         chi: float = 1.0,
         size_c: float = 0.0,
+        loss_scale: float = 1.0,
     ) -> None:
         self.method = parse_method(method) if isinstance(method, str) else method
         self.group_sizes = torch.as_tensor(group_sizes, dtype=torch.float64)
@@ -192,13 +250,21 @@ class GroupWeights:
             raise ValueError(f"chi must be in [0, 1], got {chi}")
         if eta < 0:
             raise ValueError(f"eta_alpha must be >= 0, got {eta}")
+        if not loss_scale > 0 or not math.isfinite(loss_scale):
+            raise ValueError(f"loss_scale must be a positive number, got {loss_scale}")
         self.eta, self.chi, self.size_c = float(eta), float(chi), float(size_c)
+        self.loss_scale = float(loss_scale)
         k = self.group_sizes.numel()
-        self.alpha = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        self.log_alpha = torch.full((k,), -math.log(k), dtype=torch.float64)
 
     @property
     def num_groups(self) -> int:
         return self.group_sizes.numel()
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """α on the simplex (K,) float64; every entry ≥ about :data:`ALPHA_FLOOR`."""
+        return self.log_alpha.exp()
 
     @property
     def weights(self) -> torch.Tensor:
@@ -207,30 +273,45 @@ class GroupWeights:
         return fixed_group_weights(self.method.weighting, self.group_sizes)
 
     def update(self, group_losses: torch.Tensor) -> torch.Tensor:
-        """α ← MirrorAscent(α, L̂ + C/√N_g, η_α); a no-op for non-robust methods. Returns α."""
+        """log α ← log α + η_α (L̂ + C/√N_g)/ℓ₀, normalised and floored; a no-op for non-robust
+        methods. Returns α."""
         if self.method.robust:
             adjusted = group_losses.detach().to(torch.float64).cpu()
             adjusted = adjusted + size_adjustment(self.group_sizes, self.size_c)
-            self.alpha = mirror_ascent_step(self.alpha, adjusted, self.eta)
+            step = self.eta / self.loss_scale
+            self.log_alpha = log_mirror_ascent_step(self.log_alpha, adjusted, step)
         return self.alpha
+
+    def collapsed(self, share: float = COLLAPSE_SHARE) -> int | None:
+        """The index of a group holding more than ``share`` of α (robust only), else None."""
+        if not self.method.robust:
+            return None
+        top = int(self.alpha.argmax())
+        return top if float(self.alpha[top]) > share else None
 
     def state_dict(self) -> dict:
         return {
-            "alpha": self.alpha.clone(),
+            "log_alpha": self.log_alpha.clone(),
             "eta": self.eta,
             "chi": self.chi,
             "size_c": self.size_c,
+            "loss_scale": self.loss_scale,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        alpha = torch.as_tensor(state["alpha"], dtype=torch.float64)
-        if alpha.shape != self.alpha.shape:
+        if "log_alpha" in state:
+            log_alpha = torch.as_tensor(state["log_alpha"], dtype=torch.float64)
+        else:  # checkpoints written before α was kept in log space
+            alpha = torch.as_tensor(state["alpha"], dtype=torch.float64)
+            log_alpha = alpha.clamp_min(ALPHA_FLOOR).log()
+        if log_alpha.shape != self.log_alpha.shape:
             raise ValueError(
-                f"alpha has shape {tuple(alpha.shape)}, expected {tuple(self.alpha.shape)}"
+                f"alpha has shape {tuple(log_alpha.shape)}, expected {tuple(self.log_alpha.shape)}"
             )
-        self.alpha = alpha.clone()
+        self.log_alpha = log_alpha.clone()
         self.eta, self.chi, self.size_c = (
             float(state["eta"]),
             float(state["chi"]),
             float(state["size_c"]),
         )
+        self.loss_scale = float(state.get("loss_scale", 1.0))

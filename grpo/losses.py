@@ -6,6 +6,8 @@ of shape ``(B,)``; reductions over pairs and groups live in :mod:`grpo.groups`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,16 @@ def pair_losses(kind: str, margin: torch.Tensor, beta: float) -> torch.Tensor:
         return dpo_loss(margin, beta)
     if kind == "ipo":
         return ipo_loss(margin, beta)
+    raise ValueError(f"unknown preference loss {kind!r}; expected one of {LOSS_KINDS}")
+
+
+def loss_at_zero_margin(kind: str, beta: float) -> float:
+    """ℓ(h = 0): log 2 for DPO, 1/(4β²) for IPO. The loss every pair starts at when the policy
+    equals the reference; the group-weight step divides by it (:class:`grpo.groups.GroupWeights`)."""
+    if kind == "dpo":
+        return math.log(2.0)
+    if kind == "ipo":
+        return 1.0 / (4.0 * beta * beta)
     raise ValueError(f"unknown preference loss {kind!r}; expected one of {LOSS_KINDS}")
 
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from grpo.groups import (
+    ALPHA_FLOOR,
     METHODS,
     GroupWeights,
+    collapse_eta,
+    effective_groups,
     fixed_group_weights,
     group_counts,
     group_loss_estimates,
@@ -22,6 +25,7 @@ from grpo.groups import (
     robust_objective,
     size_adjustment,
 )
+from grpo.losses import loss_at_zero_margin
 
 # A pooled training set of N = 40 pairs: group 0 has 30, group 1 has 10.
 SIZES = torch.tensor([30.0, 10.0])
@@ -176,3 +180,78 @@ def test_group_weights_state_round_trip_and_validation():
         GroupWeights("gr-dpo", [5, 7], chi=1.5)
     with pytest.raises(ValueError, match="positive"):
         GroupWeights("gr-dpo", [5, 0])
+
+
+# --- one meaning of η_α at every loss scale (issue 15) -----------------------------------------
+
+
+def test_loss_at_zero_margin_by_hand():
+    assert loss_at_zero_margin("dpo", 0.1) == pytest.approx(0.6931471805599453)
+    assert loss_at_zero_margin("ipo", 0.01) == pytest.approx(2500.0)
+    assert loss_at_zero_margin("ipo", 0.5) == pytest.approx(1.0)
+
+
+def test_first_step_at_ipo_beta_001_with_the_default_eta():
+    # L̂ near IPO's starting level 1/(4·0.01²) = 2500: the step moves log α by η·L̂/2500 ≈ 0.05.
+    gw = GroupWeights("gr-ipo", [10, 10, 10], eta=0.05, loss_scale=2500.0)
+    gw.update(torch.tensor([2500.0, 2600.0, 2400.0]))
+    z = [math.exp(0.05), math.exp(0.052), math.exp(0.048)]
+    assert gw.alpha.tolist() == pytest.approx([v / sum(z) for v in z], rel=1e-12)
+    assert max(gw.alpha.tolist()) < 0.35  # spread, not one-hot
+    raw = GroupWeights("gr-ipo", [10, 10, 10], eta=0.05)  # the old, unnormalised step
+    raw.update(torch.tensor([2500.0, 2600.0, 2400.0]))
+    assert raw.alpha[1] > 1 - 1e-2  # exp(0.05·100) against its neighbours: one-hot at once
+
+
+def test_first_step_at_dpo_beta_01_with_the_default_eta():
+    gw = GroupWeights("gr-dpo", [30, 10], eta=0.05, loss_scale=math.log(2.0))
+    gw.update(torch.tensor([0.7, 0.6]))
+    d = 0.05 * (0.7 - 0.6) / math.log(2.0)  # log α0 − log α1 after the step
+    assert gw.alpha.tolist() == pytest.approx([1 / (1 + math.exp(-d)), 1 / (1 + math.exp(d))])
+
+
+def test_no_weight_reaches_zero_and_a_floored_group_comes_back():
+    gw = GroupWeights("gr-ipo", [10, 10, 10], eta=0.05)  # raw IPO losses at β = 0.01
+    for _ in range(1000):
+        gw.update(torch.tensor([2500.0, 0.0, 10.0]))
+    assert (gw.alpha > 0).all()
+    assert gw.alpha[1].item() == pytest.approx(ALPHA_FLOOR, rel=1e-6)
+    # log α1 = log(1e-30) ≈ −69.08 climbs 0.05·2500 = 125 per step relative to group 0 once
+    # group 1 holds the higher loss: one step lifts it above group 0.
+    gw.update(torch.tensor([0.0, 2500.0, 0.0]))
+    assert int(gw.alpha.argmax()) == 1
+
+
+def test_effective_groups_by_hand():
+    assert effective_groups(torch.full((5,), 0.2)) == pytest.approx(5.0)
+    assert effective_groups(torch.tensor([0.5, 0.5, 0.0])) == pytest.approx(2.0)
+    assert effective_groups(torch.tensor([1.0, 0.0])) == pytest.approx(1.0)
+    a = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    h = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
+    assert effective_groups(a) == pytest.approx(math.exp(h))
+
+
+def test_collapse_detection_and_the_suggested_eta():
+    gw = GroupWeights("gr-dpo", [10, 10, 10], eta=1.0)
+    gw.update(torch.tensor([10.0, 0.0, 0.0]))  # log α0 − log α1 = 10: α0 = e¹⁰/(e¹⁰ + 2)
+    assert gw.collapsed() == 0
+    eta = collapse_eta(gw.alpha, gw.eta, target=0.5)
+    # softmax(c·[10, 0, 0]) has max 0.5 when e^{10c} = 2, c = ln 2 / 10
+    assert eta == pytest.approx(math.log(2.0) / 10, rel=1e-9)
+    calm = GroupWeights("gr-dpo", [10, 10, 10], eta=eta)
+    calm.update(torch.tensor([10.0, 0.0, 0.0]))
+    assert calm.alpha.max().item() == pytest.approx(0.5)
+    assert calm.collapsed() is None
+    assert GroupWeights("dpo", [10, 90]).collapsed() is None  # fixed weights never collapse
+
+
+def test_state_dict_keeps_log_alpha_and_reads_old_checkpoints():
+    gw = GroupWeights("gr-ipo", [4, 6], eta=0.05, loss_scale=2500.0)
+    gw.update(torch.tensor([3000.0, 1000.0]))
+    other = GroupWeights("gr-ipo", [4, 6])
+    other.load_state_dict(gw.state_dict())
+    assert torch.equal(other.log_alpha, gw.log_alpha) and other.loss_scale == 2500.0
+    old = {"alpha": torch.tensor([1.0, 0.0]), "eta": 0.1, "chi": 1.0, "size_c": 0.0}
+    other.load_state_dict(old)
+    assert other.alpha[1].item() == pytest.approx(ALPHA_FLOOR, rel=1e-6)
+    assert other.loss_scale == 1.0

@@ -1,8 +1,12 @@
-"""Models and tokenizers: any causal LM from a Hub id, a local folder, or a config dict.
+"""Models and tokenizers: any causal LM from a Hub id, a local folder, a GGUF file, or a config.
 
 The offline default is a tiny GPT-2 built from a config (random weights, no download) with a
 byte-level BPE tokenizer trained on the dataset's own texts. Both save with ``save_pretrained``
 and load back with the ``Auto*`` classes, so MLflow's transformers flavor can serve them.
+
+A ``.gguf`` file (llama.cpp's format, e.g. the SmolLM2 file that ``make models`` fetches) is
+dequantised on load into a plain float32 model (:func:`load_gguf_model`) with the tokenizer
+described by the file's metadata, so it trains and saves like any other model.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ TINY_GPT2: dict[str, Any] = {
 class ModelConfig:
     """Which causal LM to train (``params.yaml`` → ``model``)."""
 
-    name_or_path: str = ""  # Hub id or local folder; empty = build from `config` (random weights)
+    # Hub id, local folder or .gguf file; empty = build from `config` (random weights)
+    name_or_path: str = ""
     config: dict[str, Any] = field(default_factory=lambda: dict(TINY_GPT2))
-    tokenizer: str = (
-        ""  # Hub id or folder; empty = the model's own, or train a BPE when from config
-    )
+    # Hub id, folder or .gguf file; empty = the model's own, or train a BPE when from config
+    tokenizer: str = ""
     tokenizer_vocab_size: int = 512  # vocabulary of the BPE trained offline
-    max_prompt_tokens: int = 192  # prompts longer than this keep their last tokens
+    # longer prompts keep their first line (the group) and their end; the middle is cut
+    max_prompt_tokens: int = 192
     max_response_tokens: int = 32  # responses longer than this keep their first tokens
     padding_side: str = "right"  # "right" or "left"; log-probs do not depend on it
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "float32" | "bfloat16"
@@ -56,7 +61,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name_or_path and not self.config:
-            raise ValueError("model: give name_or_path (Hub id or folder) or a config dict")
+            raise ValueError(
+                "model: give name_or_path (Hub id, folder or .gguf file) or a config dict"
+            )
         if self.name_or_path == "" and "model_type" not in self.config:
             raise ValueError("model.config: needs a model_type (e.g. gpt2, llama)")
         if self.padding_side not in ("left", "right"):
@@ -124,7 +131,9 @@ def load_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None):
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
-    if source:
+    if source and is_gguf(source):
+        tok = load_gguf_tokenizer(source)
+    elif source:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     else:
         if texts is None:
@@ -167,13 +176,16 @@ def disable_dropout(model: nn.Module) -> None:
 def load_model(cfg: ModelConfig, tokenizer, *, path: str | Path | None = None) -> nn.Module:
     """The causal LM of ``cfg`` (or the saved model at ``path``), in float32, on the CPU.
 
-    Built from ``cfg.config`` with seed ``cfg.init_seed`` when ``cfg.name_or_path`` is empty.
+    A ``.gguf`` source is dequantised (:func:`load_gguf_model`). Built from ``cfg.config`` with
+    seed ``cfg.init_seed`` when ``cfg.name_or_path`` is empty.
     LoRA adapters are *not* added here (see :func:`add_lora`), so a reference model stays plain.
     """
     from transformers import AutoModelForCausalLM
 
     source = str(path) if path is not None else cfg.name_or_path
-    if source:
+    if source and is_gguf(source):
+        model = load_gguf_model(source)
+    elif source:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
@@ -240,21 +252,75 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict | N
 
 
 def load_pretrained(path: str | Path, device: str = "auto"):
-    """(model, tokenizer, extra) saved by :func:`save_model`; the model in eval mode on ``device``."""
+    """(model, tokenizer, extra) saved by :func:`save_model`, or of a ``.gguf`` file (extra
+    ``{}``); the model in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not (path / "config.json").exists():
+    extra: dict = {}
+    if is_gguf(path):
+        model, tokenizer = load_gguf_model(path), load_gguf_tokenizer(path)
+    elif not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no saved model here (config.json missing)")
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        extra_file = path / "grpo.json"
+        extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    extra_file = path / "grpo.json"
-    extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
     disable_dropout(model)
     return model.to(resolve_device(device)).eval(), tokenizer, extra
+
+
+def is_gguf(source: str | Path) -> bool:
+    """True when ``source`` names a GGUF file (by its ``.gguf`` suffix)."""
+    return str(source).lower().endswith(".gguf")
+
+
+def _gguf_location(path: str | Path) -> tuple[str, str]:
+    """(folder, file name) of an existing GGUF file, as transformers' ``gguf_file=`` wants them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    return str(path.parent), path.name
+
+
+def load_gguf_tokenizer(path: str | Path):
+    """The tokenizer described by a GGUF file's metadata (vocabulary, merges, special tokens)."""
+    from transformers import AutoTokenizer
+
+    folder, name = _gguf_location(path)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def load_gguf_model(path: str | Path) -> nn.Module:
+    """A GGUF file's causal LM, dequantised into a plain float32 model.
+
+    transformers dequantises every tensor (Q4_1, Q8_0, ... → float32) and undoes llama.cpp's
+    layout changes (e.g. the rotary row order of q/k), but the model it returns is marked as
+    GGUF-quantised and ``save_pretrained`` refuses it. So the weights move into a model built
+    from the same config without the quantisation entry: an ordinary model that trains, saves
+    and reloads. Costs two copies of the weights in memory while loading.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    folder, name = _gguf_location(path)
+    with _quiet_transformers():
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = str(path)
+    with _seeded(
+        0
+    ):  # the random init is overwritten; seeded so loading never moves the caller's RNG
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())  # strict: every weight comes from the file
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

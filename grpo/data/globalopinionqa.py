@@ -4,13 +4,17 @@ Two input formats become one *source table* (one row per question × country):
 
     question_id, group, question, options (list[str]), shares (list[float]), where
 
+``question_id`` identifies the question by its content (:func:`question_key` of the question text
+and the options), in both formats: the offline files' ``id`` is unique per *row* (the same
+question asked in several countries has several ids), so it cannot keep a question in one split.
+
 - the Hub's ``Anthropic/llm_global_opinions`` (a CSV with columns ``question``, ``selections`` —
   a *string* holding ``defaultdict(<class 'list'>, {country: [share, ...], ...})`` —, ``options``
   — a string holding a Python list — and ``source``), read through ``datasets``: from the Hub when
   online, or from a local copy of that file;
 - the "distributional" JSON of ``../shared/data/globalopinionqa/`` (a list of objects with
   ``question`` = ``"Question: …\\nOptions: A. … B. …\\nAnswer:"``, ``options``, ``attribute`` =
-  the country, ``gold_distribution`` = the shares, ``id`` = the question id).
+  the country, ``gold_distribution`` = the shares, ``id`` = a row id, not used).
 
 Pairs (:func:`build_pairs`): one per (question, country): the paper's prompt
 ``Opinion of people in {country} on: {question}\\nPlease select the best response:`` and the
@@ -26,7 +30,7 @@ import ast
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +82,24 @@ class GlobalOpinionQAConfig:
             self.path = None
 
 
+def question_key(question: str, options: Sequence[str]) -> str:
+    """A question's id from its content: ``"q"`` + the first 12 hex digits of the sha256 of
+
+        normalise(question) + "\x1f" + "\x1e".join(normalise(o) for o in options)
+
+    where ``normalise`` collapses runs of whitespace to one space, strips and case-folds. The
+    same question (text and options) gets the same id in every country and in either file
+    format; a question with other options is another question. 48 bits: for the Hub's ~2,600
+    questions the chance of any collision is about 1e-8.
+    """
+
+    def normalise(text: str) -> str:
+        return " ".join(str(text).split()).casefold()
+
+    canonical = normalise(question) + "\x1f" + "\x1e".join(normalise(o) for o in options)
+    return "q" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
 # --- the distributional JSON ------------------------------------------------------------------
 
 _QUESTION = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*\n\s*Options:.*$", re.DOTALL)
@@ -118,12 +140,15 @@ def read_distributional(path: str | Path) -> pd.DataFrame:
                 f"{where}: missing field(s) {missing} of the distributional format "
                 "(question, options, attribute, gold_distribution, id)"
             )
+        _string(item["id"], f"{where}, field 'id'")  # checked, not used: ids are per row
+        question = bare_question(_string(item["question"], f"{where}, field 'question'"))
+        options = _string_list(item["options"], f"{where}, field 'options'")
         rows.append(
             {
-                "question_id": _string(item["id"], f"{where}, field 'id'"),
+                "question_id": question_key(question, options),
                 "group": _string(item["attribute"], f"{where}, field 'attribute'"),
-                "question": bare_question(_string(item["question"], f"{where}, field 'question'")),
-                "options": _string_list(item["options"], f"{where}, field 'options'"),
+                "question": question,
+                "options": options,
                 "shares": _number_list(
                     item["gold_distribution"], f"{where}, field 'gold_distribution'"
                 ),
@@ -169,7 +194,8 @@ def parse_literal(text: Any, where: str) -> Any:
 def hub_records(rows: Iterable[Mapping[str, Any]], origin: str) -> pd.DataFrame:
     """Rows in the Hub's format → the source table (one row per question × country).
 
-    ``question_id`` is ``"<row index>"`` in the Hub file (its rows have no id of their own).
+    ``question_id`` is :func:`question_key` of the row's question and options, so a question
+    repeated in another row of the file is still one question.
     """
     out = []
     for i, row in enumerate(rows):
@@ -188,10 +214,11 @@ def hub_records(rows: Iterable[Mapping[str, Any]], origin: str) -> pd.DataFrame:
                 f"{where}, field 'selections': expected a dict country -> shares, got {type(selections).__name__}"
             )
         question = _string(row["question"], f"{where}, field 'question'").strip()
+        qid = question_key(question, options)
         for country, shares in selections.items():
             out.append(
                 {
-                    "question_id": str(i),
+                    "question_id": qid,
                     "group": str(country),
                     "question": question,
                     "options": options,
@@ -304,7 +331,9 @@ def pairs_from_source(
     """The source table → the canonical pair table for ``groups`` (sorted by ``pair_id``).
 
     Rows whose shares cannot give a pair (fewer than two options, NaN shares, more shares than
-    options) are skipped here; the validation suite reports them on the source table.
+    options) are skipped here; the validation suite reports them on the source table. A question
+    asked twice for one country (same text and options in two rows, e.g. two survey waves) gives
+    one pair, from its first row: two pairs with one prompt would share a ``pair_id``.
     """
     groups = list(groups)
     rows = source[source["group"].isin(groups)]
@@ -315,11 +344,14 @@ def pairs_from_source(
             f"group(s) {unknown} have no rows in the source; check the spelling "
             f"(it has {len(known)} countries, e.g. {known[:8]})"
         )
-    pairs = []
+    pairs, seen = [], set()
     for rec in rows.itertuples(index=False):
         n = len(rec.options)
         if n < 2 or len(rec.shares) != n or not all(math.isfinite(s) for s in rec.shares):
             continue
+        if (rec.question_id, rec.group) in seen:
+            continue
+        seen.add((rec.question_id, rec.group))
         chosen, rejected = choose_pair(list(rec.shares), pair_rng(seed, rec.question_id, rec.group))
         pairs.append(
             {

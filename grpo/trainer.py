@@ -1,4 +1,4 @@
-"""SFT and group-robust preference training of a causal LM (paper Algorithm 1; ``docs/training.md``).
+"""Group-robust preference training of a causal LM (paper Algorithm 1; ``docs/training.md``).
 
 One optimizer step sees a *global* batch of B = ``batch_size`` pairs, split into
 ``grad_accum × world_size`` micro-batches. With the θ-step group weights w (fixed for DPO/IPO and
@@ -10,24 +10,25 @@ and α ← MirrorAscent(α, L̂, η_α), once per optimizer step.
 
 Entry points: :func:`train` (the whole stage: tokenizer, SFT, reference log-probs, preference
 training, checkpoints, the saved policy) and :class:`PreferenceTrainer` (one optimizer step at a
-time, for benchmarks: ``trainer.train_step(indices)``).
+time, for benchmarks: ``trainer.train_step(indices)``). SFT is in :mod:`grpo.sft`, checkpoints in
+:mod:`grpo.checkpoint`, micro-batches, the accumulated step and DDP in :mod:`grpo.distributed`.
+
+Names: ``policy`` is the causal LM being trained, ``scorer`` its
+:class:`~grpo.logprobs.SequenceScorer` (summed response log-probs), ``ddp_scorer`` the scorer
+wrapped in DistributedDataParallel under ``torchrun`` (the scorer itself in one process).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import math
-import os
 import random
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from grpo import metric_names
+from grpo.checkpoint import (
+    check_resumable,
+    checkpoint_dirs,
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+    save_trainable,
+)
+from grpo.distributed import (
+    DistInfo,
+    MicroBatch,
+    accumulate_and_step,
+    init_distributed,
+    micro_batches,
+    progress_bar,
+    score_sharded,
+    wrap_ddp,
+)
 from grpo.groups import (
     GroupWeights,
     group_counts,
@@ -43,13 +63,12 @@ from grpo.groups import (
     pair_coefficients,
     parse_method,
 )
+from grpo.io import write_json
 from grpo.logprobs import (
     EncodedPairs,
     SequenceScorer,
     SharedPromptBatch,
-    collate_sequences,
     encode_pairs,
-    score_pairs,
     split_pairs,
 )
 from grpo.losses import pair_losses, reward_margin
@@ -62,9 +81,12 @@ from grpo.modeling import (
     resolve_device,
     save_model,
 )
+from grpo.sft import sft
 
 LogFn = Callable[[dict[str, float], int], None]
 REFERENCE_MODES = ("precomputed", "online")
+BEST_POLICY = "best_policy.safetensors"
+RESULT_FILE = "train_result.json"
 
 
 @dataclass
@@ -150,51 +172,6 @@ class TrainResult:
         return out
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    started_here: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Σ over ranks, in place; a no-op for one process."""
-        if self.active:
-            dist.all_reduce(tensor)
-        return tensor
-
-
-def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group ``torchrun`` describes (WORLD_SIZE > 1); gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    started = False
-    if not dist.is_initialized():
-        cuda = resolve_device(device_name).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        started = True
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, started)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -233,16 +210,13 @@ def group_index(frame: pd.DataFrame, groups: Sequence[str], where: str) -> torch
     return torch.tensor([lookup[g] for g in frame["group"]], dtype=torch.long)
 
 
-def micro_batches(
-    indices: torch.Tensor, grad_accum: int, world: int, rank: int
-) -> list[torch.Tensor]:
-    """This rank's micro-batches of a global batch: chunk a·world + rank for a < grad_accum."""
-    chunks = indices.chunk(grad_accum * world)
-    return [chunks[a * world + rank] for a in range(grad_accum)]
-
-
-def show_progress(enabled: bool, dist_info: DistInfo) -> bool:
-    return enabled and dist_info.main and sys.stderr.isatty() and not os.environ.get("CI")
+def group_sizes(train_groups: torch.Tensor, group_names: Sequence[str]) -> torch.Tensor:
+    """N_g (K,) float64; raises naming any group without training pairs."""
+    sizes = torch.bincount(train_groups, minlength=len(group_names))
+    if (sizes == 0).any():
+        empty = [g for g, n in zip(group_names, sizes.tolist(), strict=True) if n == 0]
+        raise ValueError(f"group(s) {empty} have no training pairs")
+    return sizes.to(torch.float64)
 
 
 # --------------------------------------------------------------------------- preference step
@@ -276,42 +250,29 @@ class PreferenceTrainer:
     ) -> None:
         if reference_logps is None and reference_model is None:
             raise ValueError("give reference_logps (precomputed) or reference_model (online)")
-        self.cfg = cfg
-        self.method = parse_method(cfg.method)
+        self.cfg, self.method = cfg, parse_method(cfg.method)
         self.dist = dist_info or DistInfo()
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self.device, self.dtype = torch.device(device), dtype
         self.pad, self.padding_side = pad_token_id, padding_side
         self.train_pairs, self.train_groups = train_pairs, train_groups.long()
         self.group_names = list(group_names)
-        k = len(self.group_names)
-        sizes = torch.bincount(self.train_groups, minlength=k)
-        if (sizes == 0).any():
-            empty = [g for g, n in zip(self.group_names, sizes.tolist(), strict=True) if n == 0]
-            raise ValueError(f"group(s) {empty} have no training pairs")
-        self.group_sizes = sizes.to(torch.float64)
+        self.group_sizes = group_sizes(self.train_groups, self.group_names)
         self.weights = GroupWeights(
             self.method, self.group_sizes, eta=cfg.eta_alpha, chi=cfg.chi, size_c=cfg.size_c
         )
         self.reference_logps = reference_logps
-        self.reference_scorer = (
-            SequenceScorer(reference_model, cfg.fast_logprobs, cfg.shared_prompt)
-            .to(self.device)
-            .eval()
-            if reference_model is not None
-            else None
-        )
+        self.reference_scorer = None  # online reference: a frozen copy scores each micro-batch
+        if reference_model is not None:
+            self.reference_scorer = SequenceScorer(
+                reference_model, cfg.fast_logprobs, cfg.shared_prompt
+            )
+            self.reference_scorer.to(self.device).eval()
         self.val_pairs, self.val_groups = val_pairs, val_groups
         self.val_reference_logps = val_reference_logps
 
         self.policy = policy.to(self.device)
         self.scorer = SequenceScorer(self.policy, cfg.fast_logprobs, cfg.shared_prompt)
-        self.model: nn.Module = self.scorer
-        if self.dist.active:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(
-                self.scorer, device_ids=ids, broadcast_buffers=False
-            )
+        self.ddp_scorer = wrap_ddp(self.scorer, self.device, self.dist)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -323,16 +284,16 @@ class PreferenceTrainer:
     def num_groups(self) -> int:
         return len(self.group_names)
 
-    def _reference(
-        self, chunk: torch.Tensor, part: EncodedPairs, batch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference(self, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π_ref(y_w|x), log π_ref(y_l|x) (b,) of a micro-batch: looked up or scored online."""
         if self.reference_logps is not None:
-            rc, rr = self.reference_logps
-            return rc[chunk].to(self.device), rr[chunk].to(self.device)
+            chosen, rejected = self.reference_logps
+            return chosen[micro.index].to(self.device), rejected[micro.index].to(self.device)
+        assert self.reference_scorer is not None
+        batch = micro.batch
         with torch.no_grad(), autocast(self.device, self.dtype):
-            assert self.reference_scorer is not None
             if isinstance(batch, SharedPromptBatch) and not self.reference_scorer.shared_prompt:
-                batch = self.reference_scorer.collate(part, self.pad, self.padding_side)
+                batch = self.reference_scorer.collate(micro.pairs, self.pad, self.padding_side)
                 batch = batch.to(self.device)
             return split_pairs(self.reference_scorer(**batch.as_kwargs()).float())
 
@@ -341,46 +302,35 @@ class PreferenceTrainer:
 
         Returns the step's statistics: ``loss`` (Σ_i c_i ℓ_i, the minimised objective),
         ``group_loss_sums`` / ``group_counts`` (K,) over all ranks, ``group_estimates`` L̂ (K,),
-        ``weights`` used by this step (K,), ``alpha`` after the update (K,), ``time_s``.
+        ``weights`` used by this step (K,), ``alpha`` after the update (K,), ``grad_norm`` (NaN
+        without clipping), ``time_s``.
         """
         start = time.perf_counter()
-        cfg, k = self.cfg, self.num_groups
-        batch_pairs = int(indices.numel())
+        k, batch_pairs = self.num_groups, int(indices.numel())
         weights = self.weights.weights  # w(α_t): the θ step uses the current weights
-        self.model.train()
         stats = torch.zeros(2 * k + 1, dtype=torch.float64)  # [S_g, n_g, objective]
-        chunks = micro_batches(indices, cfg.grad_accum, self.dist.world_size, self.dist.rank)
-        for a, chunk in enumerate(chunks):
-            last = a == len(chunks) - 1
-            sync = contextlib.nullcontext()
-            if self.dist.active and not last:
-                sync = self.model.no_sync()  # type: ignore[operator]
-            part = self.train_pairs.select(chunk.tolist())
-            batch = self.scorer.collate(part, self.pad, self.padding_side).to(self.device)
-            with sync:
-                with autocast(self.device, self.dtype):
-                    logps = self.model(**batch.as_kwargs())
-                policy_c, policy_r = split_pairs(logps.float())
-                ref_c, ref_r = self._reference(chunk, part, batch)
-                losses = pair_losses(
-                    self.method.loss, reward_margin(policy_c, policy_r, ref_c, ref_r), cfg.beta
-                )
-                groups = self.train_groups[chunk]
-                coef = pair_coefficients(weights, groups, self.group_sizes, batch_pairs)
-                weighted = (coef.to(device=losses.device, dtype=losses.dtype) * losses).sum()
-                # DDP averages gradients over ranks; B is global, so undo the average.
-                (weighted * self.dist.world_size).backward()
-            detached = losses.detach().to("cpu", torch.float64)
-            stats[:k] += group_sums(detached, groups, k)
+
+        def weighted_loss(micro: MicroBatch, logps: torch.Tensor) -> torch.Tensor:
+            """Σ_i c_i ℓ_i over the micro-batch; records its per-group loss sums and counts."""
+            policy_c, policy_r = split_pairs(logps.float())
+            ref_c, ref_r = self._reference(micro)
+            margin = reward_margin(policy_c, policy_r, ref_c, ref_r)
+            losses = pair_losses(self.method.loss, margin, self.cfg.beta)
+            groups = self.train_groups[micro.index]
+            coef = pair_coefficients(weights, groups, self.group_sizes, batch_pairs)
+            stats[:k] += group_sums(losses.detach().to("cpu", torch.float64), groups, k)
             stats[k : 2 * k] += group_counts(groups, k)
-            stats[-1] += float(weighted.detach())
-        stats = self.dist.all_reduce(stats.to(self._reduce_device())).cpu()
-        grad_norm = float("nan")
-        if cfg.grad_clip > 0:
-            params = [p for p in self.policy.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            return (coef.to(device=losses.device, dtype=losses.dtype) * losses).sum()
+
+        def collate(part: EncodedPairs):
+            return self.scorer.collate(part, self.pad, self.padding_side)
+
+        chunks = micro_batches(indices, self.cfg.grad_accum, self.dist.world_size, self.dist.rank)
+        stats[-1], grad_norm = accumulate_and_step(
+            self.ddp_scorer, self.train_pairs, chunks, collate, weighted_loss, self.optimizer,
+            grad_clip=self.cfg.grad_clip, dist_info=self.dist, device=self.device, dtype=self.dtype,
+        )  # fmt: skip
+        stats = self.dist.all_reduce(stats.to(self.dist.device)).cpu()
         sums, counts = stats[:k], stats[k : 2 * k]
         estimates = group_loss_estimates(sums, self.group_sizes, batch_pairs)
         alpha = self.weights.update(estimates)  # α_{t+1} from this whole step's L̂
@@ -396,43 +346,26 @@ class PreferenceTrainer:
             "time_s": time.perf_counter() - start,
         }
 
-    def _reduce_device(self) -> torch.device:
-        if self.dist.active and dist.get_backend() == "nccl":
-            return self.device
-        return torch.device("cpu")
-
     @torch.no_grad()
     def validate(self) -> dict[str, Any] | None:
-        """Per-group mean validation loss (K,), its max (worst group) and the pooled average.
-
-        Each rank scores a shard (every world_size-th pair); sums and counts are all-reduced.
+        """Per-group mean validation loss (K,), its max (worst group) and the pooled average;
+        None without validation pairs. Ranks score shards (:func:`grpo.distributed.score_sharded`).
         """
         if self.val_pairs is None or self.val_groups is None or len(self.val_pairs) == 0:
             return None
         assert self.val_reference_logps is not None
         k = self.num_groups
         self.scorer.eval()
-        shard = list(range(self.dist.rank, len(self.val_pairs), self.dist.world_size))
-        stats = torch.zeros(2 * k, dtype=torch.float64)
-        if shard:
-            policy_c, policy_r = score_pairs(
-                self.scorer,
-                self.val_pairs.select(shard),
-                pad_token_id=self.pad,
-                batch_size=self.cfg.eval_batch_size,
-                padding_side=self.padding_side,
-                device=self.device,
-                autocast=autocast(self.device, self.dtype),
-            )
-            ref_c, ref_r = (t[shard] for t in self.val_reference_logps)
-            losses = pair_losses(
-                self.method.loss, reward_margin(policy_c, policy_r, ref_c, ref_r), self.cfg.beta
-            ).double()
-            groups = self.val_groups[shard]
-            stats[:k] = group_sums(losses, groups, k)
-            stats[k:] = group_counts(groups, k)
-        stats = self.dist.all_reduce(stats.to(self._reduce_device())).cpu()
-        sums, counts = stats[:k], stats[k:]
+        policy_c, policy_r = score_sharded(
+            self.scorer, self.val_pairs, pad_token_id=self.pad, padding_side=self.padding_side,
+            batch_size=self.cfg.eval_batch_size, device=self.device, dtype=self.dtype,
+            dist_info=self.dist,
+        )  # fmt: skip
+        ref_c, ref_r = self.val_reference_logps
+        margin = reward_margin(policy_c, policy_r, ref_c, ref_r)
+        losses = pair_losses(self.method.loss, margin, self.cfg.beta).double()
+        sums = group_sums(losses, self.val_groups, k)
+        counts = group_counts(self.val_groups, k)
         means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan))
         present = counts > 0
         worst = int(torch.where(present, means, torch.full_like(means, -math.inf)).argmax())
@@ -457,224 +390,44 @@ class PreferenceTrainer:
         return cut
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Completed checkpoints, oldest first."""
-    root = out_dir / "checkpoints"
-    if not root.exists():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").exists())
-
-
-def save_checkpoint(
-    trainer: PreferenceTrainer, loop: dict[str, Any], out_dir: Path, config: dict
-) -> Path:
-    """Policy (safetensors), optimizer, scheduler, α, loop state, RNG and config; atomically."""
-    from safetensors.torch import save_model as save_safetensors
-
-    root = out_dir / "checkpoints"
-    final = root / f"step-{trainer.step:07d}"
-    tmp = root / f".step-{trainer.step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_safetensors(trainer.policy, str(tmp / "policy.safetensors"))
-    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state = {
-        "step": trainer.step,
-        "group_weights": trainer.weights.state_dict(),
-        "loop": loop,
-        "rng": _rng_state(),
-    }
-    torch.save(state, tmp / "trainer_state.pt")  # written last: its presence marks completion
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in checkpoint_dirs(out_dir)[: -trainer.cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(trainer: PreferenceTrainer, path: Path) -> dict[str, Any]:
-    """Restore ``trainer`` from ``path``; returns the loop state. RNG states are restored too."""
-    from safetensors.torch import load_model as load_safetensors
-
-    load_safetensors(trainer.policy, str(path / "policy.safetensors"), device=str(trainer.device))
-    trainer.optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=trainer.device)
-    )
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
-    trainer.step = int(state["step"])
-    trainer.weights.load_state_dict(state["group_weights"])
-    _set_rng_state(state["rng"])
-    return state["loop"]
-
-
-# Settings a resumed run may change: how long to train and how to report, not what is computed.
-RESUMABLE_CHANGES = frozenset(
-    {"epochs", "max_steps", "progress", "checkpoint_every", "keep_checkpoints", "eval_batch_size"}
-)
-
-
-def check_resumable(checkpoint: Path, resolved: dict[str, Any]) -> None:
-    """Refuse to resume ``checkpoint`` under a config that changes what is computed.
-
-    The checkpoint's ``config.json`` must equal ``resolved`` except for :data:`RESUMABLE_CHANGES`
-    in the train section; the error names every differing key (start over with ``resume=False``).
-    """
-    saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    current = json.loads(json.dumps(resolved))  # same JSON types as the saved copy
-    diffs = []
-    for section in sorted(set(saved) | set(current)):
-        old, new = saved.get(section), current.get(section)
-        if isinstance(old, dict) and isinstance(new, dict):
-            for key in sorted(set(old) | set(new)):
-                exempt = section == "train" and key in RESUMABLE_CHANGES
-                if not exempt and old.get(key) != new.get(key):
-                    diffs.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
-        elif old != new:
-            diffs.append(f"{section}: {old!r} -> {new!r}")
-    if diffs:
-        raise ValueError(
-            f"{checkpoint}: cannot resume, the config changed ({'; '.join(diffs)}); "
-            "use another output folder or start over (--no-resume / resume=False)"
-        )
-
-
-# --------------------------------------------------------------------------- SFT
-
-
-def sft(
-    model: nn.Module,
-    pairs: EncodedPairs,
-    cfg: TrainConfig,
-    *,
-    pad_token_id: int,
-    padding_side: str,
-    device: torch.device,
-    dtype: str,
-    dist_info: DistInfo,
-) -> list[float]:
-    """Supervised fine-tuning: mean NLL per token of the chosen responses, ``sft_epochs`` passes.
-
-    Global batches of ``sft_batch_size`` pairs split over ranks and ``grad_accum``; the loss of a
-    global batch is −Σ log π(y_w|x) / (number of its response tokens). Returns the losses.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
-    scorer = SequenceScorer(model, cfg.fast_logprobs, shared_prompt=False).to(device)
-    wrapped: nn.Module = scorer
-    if dist_info.active:
-        ids = [device.index] if device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(
-            scorer, device_ids=ids, broadcast_buffers=False
-        )
-    gen = torch.Generator().manual_seed(cfg.seed + 7919)
-    n, b = len(pairs), min(cfg.sft_batch_size, len(pairs))
-    parts = cfg.grad_accum * dist_info.world_size
-    if b < parts:
-        raise ValueError(f"sft_batch_size {b} is smaller than grad_accum × world size = {parts}")
-    b -= b % parts
-    losses: list[float] = []
-    steps = cfg.sft_epochs * (n // b)
-    bar = _progress(steps, 0, "sft", show_progress(cfg.progress, dist_info))
-    wrapped.train()
-    for _ in range(cfg.sft_epochs):
-        perm = torch.randperm(n, generator=gen)
-        for s in range(n // b):
-            idx = perm[s * b : (s + 1) * b]
-            tokens = sum(len(pairs.chosen[i]) for i in idx.tolist())
-            total = 0.0
-            chunks = micro_batches(idx, cfg.grad_accum, dist_info.world_size, dist_info.rank)
-            for a, chunk in enumerate(chunks):
-                part = pairs.select(chunk.tolist())
-                batch = collate_sequences(part.prompt, part.chosen, pad_token_id, padding_side)
-                sync = contextlib.nullcontext()
-                if dist_info.active and a < len(chunks) - 1:
-                    sync = wrapped.no_sync()  # type: ignore[operator]
-                with sync:
-                    with autocast(device, dtype):
-                        logps = wrapped(**batch.to(device).as_kwargs())
-                    loss = -logps.float().sum() / tokens
-                    (loss * dist_info.world_size).backward()
-                total += float(loss.detach())
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            reduced = dist_info.all_reduce(torch.tensor([total], dtype=torch.float64))
-            losses.append(float(reduced))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(nll=f"{losses[-1]:.3f}")
-    if bar is not None:
-        bar.close()
-    return losses
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-
-
-def _reference_logps(
-    model: nn.Module,
-    pairs: EncodedPairs,
-    cfg: TrainConfig,
-    *,
-    pad_token_id: int,
-    padding_side: str,
-    device: torch.device,
-    dtype: str,
-    dist_info: DistInfo,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π_ref(y_w|x), log π_ref(y_l|x) of every pair (N,) each; ranks score shards then sum."""
-    scorer = SequenceScorer(model, cfg.fast_logprobs, cfg.shared_prompt).to(device).eval()
-    shard = list(range(dist_info.rank, len(pairs), dist_info.world_size))
-    out = torch.zeros(2, len(pairs), dtype=torch.float64)
-    if shard:
-        c, r = score_pairs(
-            scorer,
-            pairs.select(shard),
-            pad_token_id=pad_token_id,
-            batch_size=cfg.eval_batch_size,
-            padding_side=padding_side,
-            device=device,
-            autocast=autocast(device, dtype),
-        )
-        out[0, shard], out[1, shard] = c.double(), r.double()
-    if dist_info.active:
-        reduce_dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        out = dist_info.all_reduce(out.to(reduce_dev)).cpu()
-    return out[0].float(), out[1].float()
-
-
 # --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is; checkpointed with the trainer, so a resumed run continues
+    exactly (same data order, same best value, same early-stopping count)."""
+
+    generator_state: torch.Tensor  # the data-order generator, after the current epoch's draw
+    epoch: int = 0
+    position: int = 0  # global batches of the current epoch already trained on
+    permutation: torch.Tensor | None = None  # the current epoch's data order (None: draw anew)
+    best_value: float = math.inf  # best monitored validation value so far
+    best_metrics: dict[str, Any] = field(default_factory=dict)  # its step and validation losses
+    bad_evals: int = 0  # validations since the best one
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per step
+    sft_losses: list[float] = field(default_factory=list)
+
+    def advance(self, steps_per_epoch: int) -> bool:
+        """Count one step; at an epoch's end, start the next one. Returns whether it ended."""
+        self.position += 1
+        if self.position < steps_per_epoch:
+            return False
+        self.epoch, self.position, self.permutation = self.epoch + 1, 0, None
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Encoded(NamedTuple):
+    """The tokenised splits: pairs and group ids (N,), validation None when there is none."""
+
+    train_pairs: EncodedPairs
+    train_groups: torch.Tensor
+    val_pairs: EncodedPairs | None
+    val_groups: torch.Tensor | None
 
 
 def train(
@@ -693,20 +446,18 @@ def train(
     With ``resume`` and a checkpoint in ``out_dir``, continues exactly where it left off.
     Under ``torchrun`` every rank calls this; rank 0 writes files and calls ``log_fn``.
     """
-    out_dir = Path(out_dir)
     check_pairs(pairs)
     train_df = pairs[pairs["split"] == "train"].reset_index(drop=True)
     val_df = pairs[pairs["split"] == "validation"].reset_index(drop=True)
     if train_df.empty:
         raise ValueError("pairs table: no rows with split == 'train'")
-    group_names = sorted(str(g) for g in train_df["group"].unique())
     dist_info = init_distributed(model_cfg.device)
     device = resolve_device(model_cfg.device)
     if device.type == "cuda" and dist_info.active:
         device = torch.device("cuda", dist_info.local_rank)
     try:
         return _train(
-            train_df, val_df, group_names, model_cfg, train_cfg, out_dir,
+            train_df, val_df, model_cfg, train_cfg, Path(out_dir),
             log_fn=log_fn, resume=resume, dist_info=dist_info, device=device,
         )  # fmt: skip
     finally:
@@ -714,16 +465,9 @@ def train(
             dist.destroy_process_group()
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _train(
     train_df: pd.DataFrame,
     val_df: pd.DataFrame,
-    group_names: list[str],
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     out_dir: Path,
@@ -733,9 +477,201 @@ def _train(
     dist_info: DistInfo,
     device: torch.device,
 ) -> TrainResult:
+    """The stage, set-up first, then :func:`_loop`, then :func:`_finish`."""
     from grpo.config import to_dict
 
+    group_names = sorted(str(g) for g in train_df["group"].unique())
     resolved = {"model": to_dict(model_cfg), "train": to_dict(cfg), "groups": group_names}
+    # A fresh start clears what an earlier run left in out_dir; a resume keeps it all.
+    checkpoints = _prepare_out_dir(out_dir, resume, dist_info)
+    _seed_everything(cfg.seed)
+    # The tokenizer is saved once, so a resumed run tokenises exactly as the first one did.
+    tokenizer = _tokenizer(out_dir / "tokenizer", train_df, model_cfg, resume, dist_info)
+    data = Encoded(
+        encode_frame(train_df, tokenizer, model_cfg),
+        group_index(train_df, group_names, "train split"),
+        encode_frame(val_df, tokenizer, model_cfg) if len(val_df) else None,
+        group_index(val_df, group_names, "validation split") if len(val_df) else None,
+    )
+    common = {
+        "pad_token_id": tokenizer.pad_token_id, "padding_side": model_cfg.padding_side,
+        "device": device, "dtype": model_cfg.dtype,
+    }  # fmt: skip
+    # The reference π_ref: the SFT model (or the base model), saved for evaluation.
+    model, sft_losses = _reference_policy(
+        out_dir / "reference", data.train_pairs, tokenizer, model_cfg, cfg, resume, dist_info,
+        common,
+    )  # fmt: skip
+    trainer = _preference_trainer(model, data, group_names, model_cfg, cfg, dist_info, common)
+    state = LoopState(torch.Generator().manual_seed(cfg.seed).get_state(), sft_losses=sft_losses)
+    # Resuming: the checkpoint must come from the same config; it restores trainer, loop, RNGs.
+    if checkpoints:
+        check_resumable(checkpoints[-1], resolved)
+        state = LoopState(**load_checkpoint(trainer, checkpoints[-1]))
+    _loop(trainer, state, out_dir, resolved, log_fn)
+    return _finish(trainer, state, tokenizer, model_cfg, out_dir)
+
+
+def _loop(
+    trainer: PreferenceTrainer,
+    state: LoopState,
+    out_dir: Path,
+    resolved: dict[str, Any],
+    log_fn: LogFn | None,
+) -> None:
+    """Optimizer steps until the step budget is spent or validation stops the run early."""
+    cfg, dist_info = trainer.cfg, trainer.dist
+    b, n_train = cfg.batch_size, len(trainer.train_pairs)
+    steps_per_epoch, total = _step_budget(n_train, cfg, dist_info)
+    generator = torch.Generator()
+    generator.set_state(state.generator_state)
+    bar = progress_bar(total, trainer.step, cfg.method, cfg.progress, dist_info)
+    while trainer.step < total and not state.stopped_early:
+        # Data order: a fresh permutation each epoch, from a generator whose state is saved.
+        if state.permutation is None:
+            state.permutation = torch.randperm(n_train, generator=generator)
+            state.generator_state = generator.get_state()
+        out = trainer.train_step(state.permutation[state.position * b : (state.position + 1) * b])
+        epoch_end = state.advance(steps_per_epoch)
+        step, metrics = trainer.step, _step_metrics(trainer, out)
+        # Validation every eval_every steps (0: at each epoch's end) and after the last step:
+        # it selects the kept policy, drives the LR schedule and early stopping.
+        every = step % cfg.eval_every == 0 if cfg.eval_every else epoch_end
+        if every or step == total:
+            metrics.update(_validate(trainer, state, out_dir / BEST_POLICY))
+        state.history.append({"step": step, **metrics})
+        if dist_info.main and log_fn is not None:
+            log_fn(metrics, step)
+        if bar is not None:
+            _show_step(bar, trainer, out)
+        # Checkpoints: every checkpoint_every steps and at the end, so a killed run resumes.
+        every = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+        if every or step == total or state.stopped_early:
+            if dist_info.main:
+                save_checkpoint(trainer, state.to_dict(), out_dir, resolved)
+            dist_info.barrier()
+    if bar is not None:
+        bar.close()
+
+
+def _step_metrics(trainer: PreferenceTrainer, out: dict[str, Any]) -> dict[str, float]:
+    """The step's loss, LR, η_α and time, each group's batch mean loss and new weight."""
+    counts = out["group_counts"]
+    batch_means = out["group_loss_sums"] / counts.clamp_min(1)
+    weights = trainer.weights.weights
+    metrics: dict[str, float] = {
+        metric_names.TRAIN_LOSS: out["loss"],
+        metric_names.TRAIN_LR: trainer.optimizer.param_groups[0]["lr"],
+        metric_names.TRAIN_ETA_ALPHA: trainer.weights.eta,
+        metric_names.TRAIN_STEP_TIME: out["time_s"],
+    }
+    for i, g in enumerate(trainer.group_names):
+        if counts[i] > 0:  # a group absent from the batch has no batch loss
+            metrics[metric_names.train_group_loss(g)] = float(batch_means[i])
+        metrics[metric_names.train_group_weight(g)] = float(weights[i])
+    return metrics
+
+
+def _validate(trainer: PreferenceTrainer, state: LoopState, best_file: Path) -> dict[str, float]:
+    """Validate; on a new best save the parameters (``keep_best``), else count a bad evaluation;
+    step the LR schedule; stop early after ``early_stop_patience`` bad ones. Returns metrics."""
+    val = trainer.validate()
+    if val is None:
+        return {}
+    cfg, value = trainer.cfg, trainer.monitor_value(val)
+    metrics = {
+        metric_names.VAL_WORST_GROUP_LOSS: val["worst_group_loss"],
+        metric_names.VAL_AVERAGE_LOSS: val["average_loss"],
+    }
+    for g, loss in zip(trainer.group_names, val["group_loss"].tolist(), strict=True):
+        if not math.isnan(loss):  # a group absent from validation has no loss
+            metrics[metric_names.val_group_loss(g)] = loss
+    if value < state.best_value:
+        state.best_value, state.bad_evals = value, 0
+        state.best_metrics = {
+            "step": trainer.step,
+            metric_names.VAL_WORST_GROUP_LOSS: val["worst_group_loss"],
+            metric_names.VAL_AVERAGE_LOSS: val["average_loss"],
+            "worst_group": val["worst_group"],
+        }
+        if cfg.keep_best and trainer.dist.main:
+            save_trainable(trainer.policy, best_file)
+    else:
+        state.bad_evals += 1
+    if trainer.scheduler_step(value):
+        metrics[metric_names.TRAIN_LR_CUT] = 1.0
+    if cfg.early_stop_patience and state.bad_evals >= cfg.early_stop_patience:
+        state.stopped_early = True
+    return metrics
+
+
+def _show_step(bar, trainer: PreferenceTrainer, out: dict[str, Any]) -> None:
+    """Progress bar: the step's loss and the group with the highest batch loss, with its weight."""
+    counts = out["group_counts"]
+    batch_means = out["group_loss_sums"] / counts.clamp_min(1)
+    worst = int(torch.argmax(torch.where(counts > 0, batch_means, -math.inf)))
+    bar.update(1)
+    bar.set_postfix(
+        loss=f"{out['loss']:.4f}",
+        worst=trainer.group_names[worst],
+        w=f"{float(trainer.weights.weights[worst]):.2f}",
+    )
+
+
+def _finish(
+    trainer: PreferenceTrainer,
+    state: LoopState,
+    tokenizer,
+    model_cfg: ModelConfig,
+    out_dir: Path,
+) -> TrainResult:
+    """Restore the best validated parameters (``keep_best``); save the policy with its
+    ``grpo.json`` (what evaluation and serving need) and ``train_result.json``."""
+    cfg, best_file = trainer.cfg, out_dir / BEST_POLICY
+    if cfg.keep_best and best_file.exists():
+        load_trainable(trainer.policy, best_file, trainer.device)
+    result = TrainResult(
+        model_dir=out_dir / "policy",
+        reference_dir=out_dir / "reference",
+        groups=trainer.group_names,
+        alpha=[float(x) for x in trainer.weights.alpha],
+        weights=[float(x) for x in trainer.weights.weights],
+        history=state.history,
+        best=state.best_metrics,
+        steps=trainer.step,
+        stopped_early=state.stopped_early,
+    )
+    if trainer.dist.main:
+        info = {
+            "stage": "policy",
+            "method": cfg.method,
+            "loss": trainer.method.loss,
+            "beta": cfg.beta,
+            "groups": result.groups,
+            "alpha": result.alpha,
+            "reference_dir": str(result.reference_dir),
+            "max_prompt_tokens": model_cfg.max_prompt_tokens,
+            "max_response_tokens": model_cfg.max_response_tokens,
+            "padding_side": model_cfg.padding_side,
+        }
+        save_model(trainer.policy, tokenizer, result.model_dir, extra=info)
+        write_json(out_dir / RESULT_FILE, result.to_json(), sort_keys=True)
+    trainer.dist.barrier()
+    return result
+
+
+# --------------------------------------------------------------------------- set-up steps
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_out_dir(out_dir: Path, resume: bool, dist_info: DistInfo) -> list[Path]:
+    """Create ``out_dir``; without ``resume`` remove an earlier run's outputs. Returns the
+    completed checkpoints to resume from (oldest first; none without ``resume``)."""
     if dist_info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     dist_info.barrier()
@@ -743,71 +679,99 @@ def _train(
     if not resume and dist_info.main:
         for name in ("checkpoints", "tokenizer", "reference", "policy"):
             shutil.rmtree(out_dir / name, ignore_errors=True)
-        (out_dir / "best_policy.safetensors").unlink(missing_ok=True)
+        (out_dir / BEST_POLICY).unlink(missing_ok=True)
     dist_info.barrier()
-    _seed_everything(cfg.seed)
+    return checkpoints
 
-    # Tokenizer: saved once so a resumed run tokenises exactly as the first one did.
-    tok_dir = out_dir / "tokenizer"
+
+def _tokenizer(
+    tok_dir: Path, train_df: pd.DataFrame, model_cfg: ModelConfig, resume: bool, dist_info: DistInfo
+):
+    """The saved tokenizer on resume; else a new one (trained on the training texts when the
+    model config asks for it), saved to ``tok_dir`` by rank 0."""
     if resume and (tok_dir / "tokenizer_config.json").exists():
         tok_cfg = copy.copy(model_cfg)
         tok_cfg.tokenizer = str(tok_dir)
-        tokenizer = load_tokenizer(tok_cfg)
-    else:
-        texts = pd.concat([train_df["prompt"], train_df["chosen"], train_df["rejected"]]).tolist()
-        tokenizer = load_tokenizer(model_cfg, texts)
-        if dist_info.main:
-            tmp = out_dir / ".tokenizer.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(tok_dir, ignore_errors=True)
-            tmp.rename(tok_dir)
-    pad, side = tokenizer.pad_token_id, model_cfg.padding_side
-    train_pairs = encode_frame(train_df, tokenizer, model_cfg)
-    train_groups = group_index(train_df, group_names, "train split")
-    val_pairs = encode_frame(val_df, tokenizer, model_cfg) if len(val_df) else None
-    val_groups = group_index(val_df, group_names, "validation split") if len(val_df) else None
-    common = {"pad_token_id": pad, "padding_side": side, "device": device, "dtype": model_cfg.dtype}
+        return load_tokenizer(tok_cfg)
+    texts = pd.concat([train_df["prompt"], train_df["chosen"], train_df["rejected"]]).tolist()
+    tokenizer = load_tokenizer(model_cfg, texts)
+    if dist_info.main:
+        tmp = tok_dir.with_name(f".{tok_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        tmp.rename(tok_dir)
+    return tokenizer
 
-    # Reference policy: the SFT model (or the base model), saved for evaluation.
-    ref_dir = out_dir / "reference"
-    sft_losses: list[float] = []
+
+def _reference_policy(
+    ref_dir: Path,
+    train_pairs: EncodedPairs,
+    tokenizer,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    resume: bool,
+    dist_info: DistInfo,
+    common: dict[str, Any],
+) -> tuple[nn.Module, list[float]]:
+    """π_ref on the device and the SFT losses: the saved one on resume; else the base model,
+    fine-tuned on the chosen responses when ``sft_epochs`` > 0, saved to ``ref_dir``."""
+    device = common["device"]
     if resume and (ref_dir / "grpo.json").exists():
-        model = load_model(model_cfg, tokenizer, path=ref_dir)
-    else:
-        model = load_model(model_cfg, tokenizer)
-        if cfg.sft_epochs > 0:
-            target = add_lora(model, model_cfg) if model_cfg.lora else model
-            sft_losses = sft(target.to(device), train_pairs, cfg, dist_info=dist_info, **common)
-            model = target.merge_and_unload() if model_cfg.lora else target
-        if dist_info.main:
-            save_model(
-                model.cpu(),
-                tokenizer,
-                ref_dir,
-                extra={"stage": "reference", "sft_losses": sft_losses},
-            )
-        dist_info.barrier()
-    model = model.to(device)
+        return load_model(model_cfg, tokenizer, path=ref_dir).to(device), []
+    model = load_model(model_cfg, tokenizer)
+    sft_losses: list[float] = []
+    if cfg.sft_epochs > 0:
+        target = add_lora(model, model_cfg) if model_cfg.lora else model
+        sft_losses = sft(target.to(device), train_pairs, cfg, dist_info=dist_info, **common)
+        model = target.merge_and_unload() if model_cfg.lora else target
+    if dist_info.main:
+        extra = {"stage": "reference", "sft_losses": sft_losses}
+        save_model(model.cpu(), tokenizer, ref_dir, extra=extra)
+    dist_info.barrier()
+    return model.to(device), sft_losses
 
-    reference_model = None
-    ref_train = ref_val = None
+
+def _preference_trainer(
+    model: nn.Module,
+    data: Encoded,
+    group_names: list[str],
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+    common: dict[str, Any],
+) -> PreferenceTrainer:
+    """The trainer on a copy of π_ref (LoRA adapters on it when configured). The reference
+    log-probs are scored once here (``precomputed``), or by a frozen copy at every step
+    (``online``); the validation pairs' are always scored once."""
+
+    def score(pairs: EncodedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+        scorer = SequenceScorer(model, cfg.fast_logprobs, cfg.shared_prompt)
+        scorer = scorer.to(common["device"]).eval()
+        return score_sharded(
+            scorer, pairs, batch_size=cfg.eval_batch_size, dist_info=dist_info, **common
+        )
+
+    reference_model = ref_train = ref_val = None
     if cfg.reference == "precomputed":
-        ref_train = _reference_logps(model, train_pairs, cfg, dist_info=dist_info, **common)
+        ref_train = score(data.train_pairs)
     else:
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-    if val_pairs is not None:
-        ref_val = _reference_logps(model, val_pairs, cfg, dist_info=dist_info, **common)
+    if data.val_pairs is not None:
+        ref_val = score(data.val_pairs)
     policy = add_lora(model, model_cfg) if model_cfg.lora else model
-
-    trainer = PreferenceTrainer(
-        policy, train_pairs, train_groups, group_names, cfg,
-        pad_token_id=pad, padding_side=side, reference_logps=ref_train,
-        reference_model=reference_model, val_pairs=val_pairs, val_groups=val_groups,
-        val_reference_logps=ref_val, device=device, dtype=model_cfg.dtype, dist_info=dist_info,
+    return PreferenceTrainer(
+        policy, data.train_pairs, data.train_groups, group_names, cfg,
+        reference_logps=ref_train, reference_model=reference_model,
+        val_pairs=data.val_pairs, val_groups=data.val_groups, val_reference_logps=ref_val,
+        dist_info=dist_info, **common,
     )  # fmt: skip
-    n_train, b = len(train_pairs), cfg.batch_size
-    parts = cfg.grad_accum * dist_info.world_size
+
+
+def _step_budget(n_train: int, cfg: TrainConfig, dist_info: DistInfo) -> tuple[int, int]:
+    """(steps per epoch, total steps); raises when the global batch cannot be split evenly
+    over ``grad_accum × world size`` micro-batches or exceeds the training pairs."""
+    b, parts = cfg.batch_size, cfg.grad_accum * dist_info.world_size
     if b % parts:
         raise ValueError(
             f"batch_size {b} is not divisible by grad_accum × world size = {cfg.grad_accum} × "
@@ -819,146 +783,4 @@ def _train(
     total = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    loop: dict[str, Any] = {
-        "epoch": 0, "epoch_pos": 0, "perm": None, "data_gen": data_gen.get_state(),
-        "best": math.inf, "best_metrics": {}, "bad_evals": 0, "stopped_early": False,
-        "history": [], "sft_losses": sft_losses,
-    }  # fmt: skip
-    if checkpoints:
-        check_resumable(checkpoints[-1], resolved)
-        loop = load_checkpoint(trainer, checkpoints[-1])
-        data_gen.set_state(loop["data_gen"])
-    best_file = out_dir / "best_policy.safetensors"
-    bar = _progress(total, trainer.step, f"{cfg.method}", show_progress(cfg.progress, dist_info))
-    names = group_names
-
-    while trainer.step < total and not loop["stopped_early"]:
-        if loop["perm"] is None:
-            loop["perm"] = torch.randperm(n_train, generator=data_gen)
-            loop["data_gen"] = data_gen.get_state()
-        pos = loop["epoch_pos"]
-        out = trainer.train_step(loop["perm"][pos * b : (pos + 1) * b])
-        loop["epoch_pos"] += 1
-        epoch_end = loop["epoch_pos"] == steps_per_epoch
-        if epoch_end:
-            loop["epoch"] += 1
-            loop["epoch_pos"], loop["perm"] = 0, None
-        step = trainer.step
-        counts = out["group_counts"]
-        batch_means = out["group_loss_sums"] / counts.clamp_min(1)
-        new_w = trainer.weights.weights
-        metrics: dict[str, float] = {
-            "train/loss": out["loss"],
-            "train/lr": trainer.optimizer.param_groups[0]["lr"],
-            "train/eta_alpha": trainer.weights.eta,
-            "train/step_time_s": out["time_s"],
-        }
-        for i, g in enumerate(names):
-            if counts[i] > 0:
-                metrics[f"train/group_loss/{g}"] = float(batch_means[i])
-            metrics[f"train/group_weight/{g}"] = float(new_w[i])
-        due = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end)
-        if due or step == total:
-            val = trainer.validate()
-            if val is not None:
-                value = trainer.monitor_value(val)
-                metrics["val/worst_group_loss"] = val["worst_group_loss"]
-                metrics["val/average_loss"] = val["average_loss"]
-                for i, g in enumerate(names):
-                    if not math.isnan(float(val["group_loss"][i])):
-                        metrics[f"val/group_loss/{g}"] = float(val["group_loss"][i])
-                if value < loop["best"]:
-                    loop["best"], loop["bad_evals"] = value, 0
-                    loop["best_metrics"] = {
-                        "step": step,
-                        "val/worst_group_loss": val["worst_group_loss"],
-                        "val/average_loss": val["average_loss"],
-                        "worst_group": val["worst_group"],
-                    }
-                    if cfg.keep_best and dist_info.main:
-                        _save_trainable(trainer.policy, best_file)
-                else:
-                    loop["bad_evals"] += 1
-                if trainer.scheduler_step(value):
-                    metrics["train/lr_cut"] = 1.0
-                if cfg.early_stop_patience and loop["bad_evals"] >= cfg.early_stop_patience:
-                    loop["stopped_early"] = True
-        loop["history"].append({"step": step, **metrics})
-        if dist_info.main and log_fn is not None:
-            log_fn(metrics, step)
-        if bar is not None:
-            worst = int(torch.argmax(torch.where(counts > 0, batch_means, -math.inf)))
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{out['loss']:.4f}", worst=names[worst], w=f"{float(new_w[worst]):.2f}"
-            )
-        ckpt_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-        if ckpt_due or step == total or loop["stopped_early"]:
-            if dist_info.main:
-                save_checkpoint(trainer, loop, out_dir, resolved)
-            dist_info.barrier()
-    if bar is not None:
-        bar.close()
-
-    if cfg.keep_best and best_file.exists():
-        _load_trainable(trainer.policy, best_file, device)
-    result = TrainResult(
-        model_dir=out_dir / "policy",
-        reference_dir=ref_dir,
-        groups=names,
-        alpha=[float(x) for x in trainer.weights.alpha],
-        weights=[float(x) for x in trainer.weights.weights],
-        history=loop["history"],
-        best=loop["best_metrics"],
-        steps=trainer.step,
-        stopped_early=loop["stopped_early"],
-    )
-    if dist_info.main:
-        extra = {
-            "stage": "policy",
-            "method": cfg.method,
-            "loss": trainer.method.loss,
-            "beta": cfg.beta,
-            "groups": names,
-            "alpha": result.alpha,
-            "reference_dir": str(ref_dir),
-            "max_prompt_tokens": model_cfg.max_prompt_tokens,
-            "max_response_tokens": model_cfg.max_response_tokens,
-            "padding_side": model_cfg.padding_side,
-        }
-        save_model(trainer.policy, tokenizer, result.model_dir, extra=extra)
-        _write_json(out_dir / "train_result.json", result.to_json())
-    dist_info.barrier()
-    return result
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
-
-
-def _save_trainable(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(_trainable_state(model), str(tmp))
-    tmp.replace(path)
-
-
-def _load_trainable(model: nn.Module, path: Path, device: torch.device) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(path), device=str(device))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-    tmp.replace(path)
+    return steps_per_epoch, total

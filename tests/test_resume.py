@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpo.checkpoint import checkpoint_dirs
 from grpo.config import from_dict
 from grpo.data import write_pairs
-from grpo.trainer import TrainConfig, checkpoint_dirs, train
+from grpo.trainer import TrainConfig, train
 from tests.trainer_helpers import load_policy_state, small_pairs, tiny_model_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_killed_run_resumes_exactly(tmp_path):
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
-    from grpo.trainer import check_resumable
+    from grpo.checkpoint import check_resumable
 
     saved = {"model": {"n": 1}, "train": {"lr": 0.01, "max_steps": 10}, "groups": ["a", "b"]}
     (tmp_path / "config.json").write_text(json.dumps(saved))

@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from grpo.config import ConfigError, from_dict
+from grpo.distributed import micro_batches
 from grpo.evaluation import evaluate_pairs
 from grpo.logprobs import SequenceScorer, score_pairs
 from grpo.modeling import load_model, load_pretrained, load_tokenizer
-from grpo.trainer import (
-    PreferenceTrainer,
-    TrainConfig,
-    encode_frame,
-    group_index,
-    micro_batches,
-    train,
-)
+from grpo.trainer import PreferenceTrainer, TrainConfig, encode_frame, group_index, train
 from tests.trainer_helpers import load_policy_state, small_pairs, tiny_model_cfg
 
 

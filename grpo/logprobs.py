@@ -102,6 +102,47 @@ def join_response(prompt: str, response: str) -> str:
     return response
 
 
+def first_line_tokens(prompt: str, offsets: Sequence[tuple[int, int]] | None, n: int) -> int:
+    """How many of a prompt's ``n`` tokens belong to its first line (through its first ``\\n``).
+
+    ``offsets``: the fast tokenizer's (start, end) character span of each token; a token that
+    starts before the line break counts to the first line (leading special tokens such as BOS
+    have span (0, 0), so they do too). Without a line break the whole prompt is its first line.
+    """
+    newline = prompt.find("\n")
+    if newline < 0:
+        return n
+    if offsets is None:
+        raise ValueError("first_line_tokens needs the token offsets of a fast tokenizer")
+    boundary = newline + 1
+    for i, (start, end) in enumerate(offsets):
+        if start >= boundary and end > start:
+            return i
+    return n
+
+
+def truncate_prompt(ids: Sequence[int], first_line: int, limit: int) -> list[int]:
+    """Keep ``limit`` of a prompt's tokens: its start and its end, cutting the middle.
+
+    With n tokens, F of them in the first line (:func:`first_line_tokens`) and R = n − F after
+    it, the kept prompt is the first ``a`` tokens and the last ``limit − a``, where
+
+        a = min(F, max(limit − R, ⌈limit/2⌉))
+
+    so the first line (where a prompt names its group: "Opinion of people in X on: …") keeps
+    at least half the budget, or all of itself if shorter, and the end (the options and the
+    answer cue) keeps the rest: all of it when it fits in what the first line leaves. The cut
+    falls where a question's body is: the end of a long first line and/or the start of what
+    follows it. A prompt without a line break keeps its first ⌈limit/2⌉ and last ⌊limit/2⌋.
+    """
+    n = len(ids)
+    if n <= limit:
+        return list(ids)
+    half = (limit + 1) // 2
+    head = half if first_line >= n else min(first_line, max(limit - (n - first_line), half))
+    return list(ids[:head]) + list(ids[n - (limit - head) :])
+
+
 def encode_pairs(
     tokenizer,
     prompts: Sequence[str],
@@ -111,18 +152,24 @@ def encode_pairs(
     max_prompt_tokens: int = 192,
     max_response_tokens: int = 32,
     append_eos: bool = True,
+    groups: Sequence[str] | None = None,
+    pair_ids: Sequence[str] | None = None,
 ) -> EncodedPairs:
-    """Tokenise N pairs. Prompts keep their last ``max_prompt_tokens`` tokens (the question's end
-    and the answer cue), responses their first ``max_response_tokens`` (EOS appended first).
+    """Tokenise N pairs. A prompt longer than ``max_prompt_tokens`` loses tokens from its middle,
+    never its first line's start nor its end (:func:`truncate_prompt`); responses keep their
+    first ``max_response_tokens`` tokens (EOS appended first).
 
-    The prompt gets the tokenizer's special tokens (e.g. Llama's BOS); responses get none.
+    ``groups``: the pairs' group names. When given, a truncated prompt that named its group and
+    no longer does raises a ValueError naming the pair (``pair_ids[i]`` or its index): the
+    group-robust objective needs the model to see the group. The prompt gets the tokenizer's
+    special tokens (e.g. Llama's BOS); responses get none.
     """
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise ValueError(
             f"prompts, chosen and rejected differ in length: {len(prompts)}, {len(chosen)}, {len(rejected)}"
         )
     prompts = [str(p) for p in prompts]
-    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    p_ids = _truncated_prompts(tokenizer, prompts, max_prompt_tokens, groups, pair_ids)
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
 
     def responses(texts: Sequence[str]) -> list[list[int]]:
@@ -134,7 +181,48 @@ def encode_pairs(
     for i, (c, r) in enumerate(zip(c_ids, r_ids, strict=True)):
         if not c or not r:
             raise ValueError(f"pair {i}: empty {'chosen' if not c else 'rejected'} response")
-    return EncodedPairs([list(p)[-max_prompt_tokens:] for p in p_ids], c_ids, r_ids)
+    return EncodedPairs(p_ids, c_ids, r_ids)
+
+
+def _truncated_prompts(
+    tokenizer,
+    prompts: list[str],
+    limit: int,
+    groups: Sequence[str] | None,
+    pair_ids: Sequence[str] | None,
+) -> list[list[int]]:
+    """Token ids of ``prompts`` cut to ``limit`` by :func:`truncate_prompt`, group-checked."""
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=fast)
+    out = []
+    for i, (prompt, ids) in enumerate(zip(prompts, enc["input_ids"], strict=True)):
+        ids = list(ids)
+        if len(ids) <= limit:
+            out.append(ids)
+            continue
+        if fast:
+            first = first_line_tokens(prompt, enc["offset_mapping"][i], len(ids))
+        else:  # slow tokenizers give no offsets: count the first line's tokens on its own
+            line = prompt.split("\n", 1)[0] + "\n"
+            first = min(len(tokenizer(line, add_special_tokens=True)["input_ids"]), len(ids))
+        kept = truncate_prompt(ids, first, limit)
+        group = None if groups is None else str(groups[i])
+        if group and _squash(group) in _squash(prompt):
+            shown = _squash(tokenizer.decode(kept, skip_special_tokens=True))
+            if _squash(group) not in shown:
+                name = f"pair {pair_ids[i]!r}" if pair_ids is not None else f"pair {i}"
+                raise ValueError(
+                    f"{name}: its prompt has {len(ids)} tokens; cut to model.max_prompt_tokens="
+                    f"{limit} it no longer names its group {group!r}. Raise max_prompt_tokens "
+                    "or shorten the prompt."
+                )
+        out.append(kept)
+    return out
+
+
+def _squash(text: str) -> str:
+    """Whitespace runs as one space: decoding may respace the text around a cut."""
+    return " ".join(text.split())
 
 
 def collate_sequences(

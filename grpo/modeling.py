@@ -44,7 +44,7 @@ class ModelConfig:
     # Hub id, folder or .gguf file; empty = the model's own, or train a BPE when from config
     tokenizer: str = ""
     tokenizer_vocab_size: int = 512  # vocabulary of the BPE trained offline
-    # longer prompts keep their first line (the group) and their end; the middle is cut
+    # longer prompts lose their middle: the first line's start (the group) and the end stay
     max_prompt_tokens: int = 192
     max_response_tokens: int = 32  # responses longer than this keep their first tokens
     padding_side: str = "right"  # "right" or "left"; log-probs do not depend on it

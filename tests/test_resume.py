@@ -75,3 +75,77 @@ def test_resume_refuses_a_changed_config(tmp_path):
         check_resumable(tmp_path, {**saved, "train": {"lr": 0.02, "max_steps": 10}})
     with pytest.raises(ValueError, match=r"groups: \['a', 'b'\] -> \['a', 'c'\]"):
         check_resumable(tmp_path, {**saved, "groups": ["a", "c"]})
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it creates ``marker`` (any code could run instead)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+SHORT = {
+    "method": "gr-dpo", "batch_size": 8, "epochs": 0, "max_steps": 2, "eval_every": 0,
+    "checkpoint_every": 1, "keep_checkpoints": 5, "lr": 1e-2, "progress": False,
+}  # fmt: skip
+
+
+def _short_run(out: Path, **overrides):
+    cfg = from_dict(TrainConfig, {**SHORT, **overrides})
+    return train(small_pairs(60, seed=4), tiny_model_cfg(), cfg, out)
+
+
+def test_checkpoint_files_load_without_unpickling(tmp_path):
+    _short_run(tmp_path)
+    ckpt = checkpoint_dirs(tmp_path)[-1]
+    for path in ckpt.glob("*.pt"):  # torch files: tensors and plain values only
+        torch.load(path, weights_only=True)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["loop"]["position"] == 2
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary folder left
+
+
+@pytest.mark.parametrize("victim", ["optimizer.pt", "scheduler.pt"])
+def test_resume_refuses_a_checkpoint_that_runs_code(tmp_path, victim):
+    from grpo.checkpoint import CheckpointError
+
+    _short_run(tmp_path)
+    marker = tmp_path / "code-ran"
+    path = checkpoint_dirs(tmp_path)[-1] / victim
+    torch.save({"state": _RunsCode(marker)}, path)
+    torch.load(path, weights_only=False)  # the payload is real: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match=rf"{victim}: holds objects other than tensors"):
+        _short_run(tmp_path, max_steps=3)
+    assert not marker.exists()
+
+
+def test_resume_refuses_the_old_pickled_format(tmp_path):
+    from grpo.checkpoint import CheckpointError
+
+    old = tmp_path / "checkpoints" / "step-0000004"
+    old.mkdir(parents=True)
+    torch.save({"step": 4}, old / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="earlier pickled format"):
+        _short_run(tmp_path)
+    assert _short_run(tmp_path / "fresh").steps == 2
+
+
+def test_a_crash_while_saving_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    import grpo.checkpoint
+
+    _short_run(tmp_path, max_steps=1)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-0000001"]
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(grpo.checkpoint, "write_json", crash)
+    with pytest.raises(OSError, match="disk full"):
+        _short_run(tmp_path, max_steps=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-0000001"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001"]

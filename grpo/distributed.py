@@ -53,10 +53,19 @@ class DistInfo:
             dist.barrier()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Σ over ranks, in place; a no-op for one process."""
-        if self.active:
-            dist.all_reduce(tensor)
-        return tensor
+        """Σ over ranks of ``tensor``, returned on :attr:`device`; ``tensor`` itself for one
+        process. Every collective in ``grpo`` goes through here, so every tensor a collective
+        sees is on the device its backend needs."""
+        if not self.active:
+            return tensor
+        on_device = tensor.to(self.device)
+        dist.all_reduce(on_device)
+        return on_device
+
+
+def collective_device(backend: str, local_rank: int) -> torch.device:
+    """Where a backend's collectives take their tensors: NCCL this rank's GPU, gloo the CPU."""
+    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
@@ -72,8 +81,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if cuda else "gloo")
         started = True
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", local) if nccl else torch.device("cpu")
+    device = collective_device(dist.get_backend(), local)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, started, device)
 
 
@@ -179,7 +187,7 @@ def score_sharded(
         )
         out[0, shard], out[1, shard] = chosen.double(), rejected.double()
     if dist_info.active:
-        out = dist_info.all_reduce(out.to(dist_info.device)).cpu()
+        out = dist_info.all_reduce(out).cpu()
     return out[0].float(), out[1].float()
 
 

@@ -80,7 +80,7 @@ def sft(
                 grad_clip=cfg.grad_clip, dist_info=dist_info, device=device, dtype=dtype,
             )  # fmt: skip
             reduced = dist_info.all_reduce(torch.tensor([total], dtype=torch.float64))
-            losses.append(float(reduced))
+            losses.append(float(reduced.cpu()))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(nll=f"{losses[-1]:.3f}")

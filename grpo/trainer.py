@@ -330,7 +330,7 @@ class PreferenceTrainer:
             self.ddp_scorer, self.train_pairs, chunks, collate, weighted_loss, self.optimizer,
             grad_clip=self.cfg.grad_clip, dist_info=self.dist, device=self.device, dtype=self.dtype,
         )  # fmt: skip
-        stats = self.dist.all_reduce(stats.to(self.dist.device)).cpu()
+        stats = self.dist.all_reduce(stats).cpu()
         sums, counts = stats[:k], stats[k : 2 * k]
         estimates = group_loss_estimates(sums, self.group_sizes, batch_pairs)
         alpha = self.weights.update(estimates)  # α_{t+1} from this whole step's L̂

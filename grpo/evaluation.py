@@ -4,7 +4,7 @@ For every group and overall: the preference loss, the **reward accuracy** (share
 implicit reward β(log π − log π_ref) is strictly higher for y_w than for y_l), the **log-prob
 accuracy** (share with log π(y_w|x) > log π(y_l|x)), the mean reward margin β·h and the number of
 pairs; then the worst group for each metric (max loss, min of the others) and the gap between the
-best and the worst group. :func:`flatten_metrics` names them as ``docs/architecture.md`` says.
+best and the worst group. :func:`flatten_metrics` names them with :mod:`grpo.metric_names`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from grpo import metric_names
 from grpo.logprobs import SequenceScorer, encode_pairs, score_pairs
 from grpo.losses import pair_losses, reward_margin
 
@@ -165,13 +166,13 @@ def flatten_metrics(result: dict[str, Any], prefix: str = "eval") -> dict[str, f
     out: dict[str, float] = {}
     for g, values in result["groups"].items():
         for m, v in values.items():
-            out[f"{prefix}/group/{g}/{m}"] = float(v)
+            out[metric_names.group_metric(g, m, prefix)] = float(v)
     for m, v in result["overall"].items():
-        out[f"{prefix}/overall/{m}"] = float(v)
+        out[metric_names.overall(m, prefix)] = float(v)
     for m, w in result["worst_group"].items():
-        out[f"{prefix}/worst_group/{m}"] = float(w["value"])
+        out[metric_names.worst_group(m, prefix)] = float(w["value"])
     for m, v in result["group_gap"].items():
-        out[f"{prefix}/group_gap/{m}"] = float(v)
+        out[metric_names.group_gap(m, prefix)] = float(v)
     return out
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from grpo import metric_names
+
 GATE_METRICS = ("reward_accuracy", "logprob_accuracy")
 
 
@@ -42,7 +44,7 @@ class ChampionDecision:
 
 def worst_group_key(metric: str) -> str:
     """The flat metric name the gate reads, e.g. ``eval/worst_group/reward_accuracy``."""
-    return f"eval/worst_group/{metric}"
+    return metric_names.worst_group(metric)
 
 
 def check_gate(

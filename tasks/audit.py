@@ -13,6 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from grpo import metric_names
+from grpo.io import atomic_open
+
 FORMATS = ("table", "markdown", "json")
 
 
@@ -48,9 +51,9 @@ def audit(name: str, metric: str = "reward_accuracy") -> list[dict[str, Any]]:
                 "metric": metric,
                 "groups": groups,
                 "worst_group": worst,
-                "worst_value": metrics.get(f"eval/worst_group/{metric}"),
-                "gap": metrics.get(f"eval/group_gap/{metric}"),
-                "overall": metrics.get(f"eval/overall/{metric}"),
+                "worst_value": metrics.get(metric_names.worst_group(metric)),
+                "gap": metrics.get(metric_names.group_gap(metric)),
+                "overall": metrics.get(metric_names.overall(metric)),
                 "data_md5": tags.get("data.md5"),
                 "git_rev": tags.get("data.git_rev"),
                 "data_source": tags.get("data.source"),
@@ -65,12 +68,8 @@ def audit(name: str, metric: str = "reward_accuracy") -> list[dict[str, Any]]:
 
 def group_values(metrics: dict[str, float], metric: str) -> dict[str, float]:
     """``{group: value}`` from ``eval/group/<group>/<metric>`` names, sorted by group."""
-    out = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) >= 4 and parts[:2] == ["eval", "group"] and parts[-1] == metric:
-            out["/".join(parts[2:-1])] = value
-    return dict(sorted(out.items()))
+    groups = metric_names.per_group(metrics)  # sorted by group
+    return {g: values[metric] for g, values in groups.items() if metric in values}
 
 
 def _num(value: Any) -> str:
@@ -140,7 +139,6 @@ def plot(records: list[dict[str, Any]], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ordered = sorted(records, key=lambda r: int(r["version"]))
     versions = [f"v{r['version']}" for r in ordered]
     groups = sorted({g for r in ordered for g in r["groups"]})
@@ -165,8 +163,7 @@ def plot(records: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_title(f"Per-group {metric} by version")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

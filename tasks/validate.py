@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from grpo.data.globalopinionqa import PAPER_COUNTRIES, GlobalOpinionQAConfig, is
 from grpo.data.globalopinionqa import build as build_opinion_pairs
 from grpo.data.schema import COLUMNS, SPLITS, DataFormatError, read_pairs
 from grpo.data.sources import PAIRS_FILE, SOURCE_FILE, source_stats
+from grpo.io import write_json
 
 RESPONSE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -394,10 +394,5 @@ def format_report(result: dict[str, Any]) -> str:
 
 def _write_report(result: dict[str, Any], report_dir: Path, started: float) -> None:
     """report.json, written atomically (kept when validation fails)."""
-    report_dir.mkdir(parents=True, exist_ok=True)
     result["seconds"] = round(time.time() - started, 3)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".json", dir=report_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, report_dir / "report.json")
+    write_json(report_dir / "report.json", result)

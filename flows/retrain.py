@@ -1,10 +1,11 @@
 """The ``retrain`` Prefect flow: ingest → validate → train → evaluate → gated registration.
 
-Tasks are thin wrappers around the stage functions in ``tasks/`` (the same ones ``dvc repro``
-calls through ``grpo stage``); the flow only wires them. Training and evaluation are cached on
-content (the data's sha256, the resolved config and the code of ``grpo/``), with persisted
-results, so re-running on unchanged data and config skips straight to tracking. Only I/O tasks
-(ingest, MLflow logging) retry; training never does.
+Tasks are one-line wrappers around the stage functions in ``flows/stages.py`` (the same ones
+``dvc repro`` calls through ``grpo stage``) and the MLflow record of ``tasks.tracking``; the flow
+only wires them. Training and evaluation are cached on content (the data's sha256, the resolved
+config and the code of ``grpo/``), with persisted results, so re-running on unchanged data and
+config skips straight to tracking. Only I/O tasks (ingest, MLflow logging) retry; training
+never does.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.commands.run import find_root
+from flows import stages
+from flows.params import find_root, load_configs
 
 CACHED = (INPUTS - "run_id") + TASK_SOURCE
 
@@ -37,70 +38,6 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage} failed: {message}")
         self.stage = stage
         self.cause = cause
-
-
-# --- configuration ------------------------------------------------------------------------------
-
-
-@dataclass
-class Configs:
-    """Every stage's typed config, built from one params dict."""
-
-    data: Any
-    validate: Any
-    model: Any
-    train: Any
-    evaluate: Any
-    register: Any
-
-    def resolved(self) -> dict[str, Any]:
-        from grpo.config import to_dict
-
-        return {name: to_dict(getattr(self, name)) for name in SECTIONS}
-
-
-SECTIONS = ("data", "validate", "model", "train", "evaluate", "register")
-
-
-def load_params(
-    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """``params.yaml`` (or nothing: the embedded defaults) with ``section.key=value`` overrides."""
-    from grpo.config import ConfigError, apply_overrides, load_yaml
-
-    params = load_yaml(path) if path is not None and Path(path).exists() else {}
-    if path is not None and not Path(path).exists() and Path(path).name != "params.yaml":
-        raise ConfigError(f"{path}: no such params file")
-    unknown = sorted(set(params) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
-    return apply_overrides(params, list(overrides))
-
-
-def resolve(params: dict[str, Any]) -> Configs:
-    """Typed configs of every stage (unknown keys and bad values raise ``ConfigError``)."""
-    from grpo.config import ConfigError, from_dict
-    from grpo.data.sources import DataConfig
-    from grpo.modeling import ModelConfig
-    from grpo.trainer import TrainConfig
-    from tasks.evaluate import EvaluateConfig
-    from tasks.register import RegisterConfig
-    from tasks.validate import ValidateConfig
-
-    unknown = sorted(set(params) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
-    classes = {
-        "data": DataConfig,
-        "validate": ValidateConfig,
-        "model": ModelConfig,
-        "train": TrainConfig,
-        "evaluate": EvaluateConfig,
-        "register": RegisterConfig,
-    }
-    return Configs(
-        **{k: from_dict(cls, params.get(k), where=f"params.yaml:{k}") for k, cls in classes.items()}
-    )
 
 
 def content_key(*parts: Any) -> str:
@@ -123,48 +60,31 @@ def code_key() -> str:
     return digest.hexdigest()
 
 
-# --- tasks: one stage function or one MLflow call each -------------------------------------------
+# --- tasks: one stage function (flows.stages) or one MLflow call (tasks.tracking) each -----------
 
 
 @task(name="start-run", retries=2, retry_delay_seconds=2)
 def start_run_task(root: str, experiment: str, resolved: dict[str, Any]) -> dict[str, str]:
-    from tasks import tracking
+    from tasks.tracking import open_run
 
-    uri, experiment_id = tracking.setup(root, experiment)
-    run_id = tracking.start_run(experiment_id, tags={"train.method": resolved["train"]["method"]})
-    tracking.log_params(run_id, resolved)
-    return {"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}
+    return open_run(root, experiment, resolved, pipeline="prefect")
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5)
 def ingest_task(cfg: Any, root: str) -> dict[str, Any]:
-    from tasks.ingest import ingest
-
-    return ingest(cfg, root=root)
+    return stages.ingest(cfg, Path(root))
 
 
 @task(name="record-data-version", retries=2, retry_delay_seconds=2)
 def record_data_task(run_id: str, data: dict[str, Any]) -> None:
-    from tasks.tracking import set_tags
+    from tasks.tracking import record_data
 
-    set_tags(
-        run_id,
-        {
-            "data.md5": data.get("md5"),
-            "data.sha256": data.get("sha256"),
-            "data.git_rev": data.get("git_rev"),
-            "data.source": data.get("source"),
-            "data.rows": data.get("rows"),
-            "data.groups": ",".join(map(str, data.get("groups") or [])),
-        },
-    )
+    record_data(run_id, data)
 
 
 @task(name="validate")
-def validate_task(path: str, cfg: Any, groups: list[str] | None) -> dict[str, Any]:
-    from tasks.validate import validate
-
-    return validate(path, cfg, groups)
+def validate_task(data_cfg: Any, cfg: Any, root: str) -> dict[str, Any]:
+    return stages.validate(data_cfg, cfg, Path(root))
 
 
 @task(name="train", cache_policy=CACHED, persist_result=True)
@@ -175,12 +95,15 @@ def train_task(
     model_cfg: Any,
     train_cfg: Any,
     out_dir: str,
+    root: str,
     run_id: str,
 ) -> dict[str, Any]:
     from tasks.tracking import metric_logger
-    from tasks.train import train
 
-    result = train(pairs_path, model_cfg, train_cfg, out_dir, log_fn=metric_logger(run_id))
+    log_fn = metric_logger(run_id)  # per-step metrics stream into this flow run's MLflow run
+    result = stages.train(
+        pairs_path, model_cfg, train_cfg, out_dir, Path(root), log_fn=log_fn, resume=True
+    )
     return {**result, "logged_to": run_id}
 
 
@@ -191,59 +114,56 @@ def evaluate_task(
     code: str,
     trained: dict[str, Any],
     cfg: Any,
-    out_dir: str,
     model_cfg: Any,
+    beta: float,
+    out_dir: str,
+    root: str,
 ) -> dict[str, Any]:
-    from tasks.evaluate import evaluate
-
-    return evaluate(
-        pairs_path, trained["model_dir"], trained["reference_dir"], cfg, out_dir,
-        beta=trained["beta"], method=trained["method"], model_cfg=model_cfg,
-    )  # fmt: skip
+    return stages.evaluate(pairs_path, trained, cfg, model_cfg, beta, out_dir, Path(root))
 
 
 @task(name="log-results", retries=2, retry_delay_seconds=2)
 def log_results_task(
     run_id: str, trained: dict[str, Any], evaluation: dict[str, Any], metric: str
 ) -> None:
-    from tasks import tracking
+    from tasks.tracking import record_results
 
-    cached = trained.get("logged_to") != run_id  # training came from the cache: copy its history
-    tracking.log_results(run_id, trained["history"], evaluation, metric, include_history=cached)
-    tracking.set_tags(run_id, {"train.steps": trained["steps"], "eval.split": evaluation["split"]})
+    history_logged = trained.get("logged_to") == run_id  # else from the cache: copy its history
+    record_results(run_id, trained, evaluation, metric, history_logged=history_logged)
 
 
 @task(name="log-model", retries=2, retry_delay_seconds=2)
-def log_model_task(run_id: str, trained: dict[str, Any]) -> str:
-    from tasks.tracking import log_model
-
-    return log_model(run_id, trained["model_dir"], metadata={"method": trained["method"]})
+def log_model_task(run_id: str, trained: dict[str, Any], enabled: bool) -> str | None:
+    return stages.log_model(run_id, trained, enabled)
 
 
 @task(name="register")
 def register_task(
-    run_id: str, metrics: dict[str, float], cfg: Any, model_uri: str | None
+    run: dict[str, str], metrics: dict[str, float], cfg: Any, model_uri: str | None, root: str
 ) -> dict[str, Any]:
-    from tasks.register import register
-
-    return register(run_id, metrics, cfg, model_uri=model_uri)
+    return stages.register(run, metrics, cfg, model_uri, Path(root))
 
 
 @task(name="end-run", retries=2, retry_delay_seconds=2)
 def end_run_task(run_id: str, status: str, failure: dict[str, Any] | None = None) -> None:
-    from tasks import tracking
+    from tasks.tracking import close_run
 
-    if failure:
-        tracking.set_tags(
-            run_id,
-            {"pipeline.failed_stage": failure["stage"], "pipeline.error": failure["error"][:5000]},
-        )
-        if failure.get("report_path"):
-            tracking.log_artifact(run_id, failure["report_path"], "validation")
-    tracking.end_run(run_id, status)
+    close_run(run_id, status, failure)
 
 
 # --- the flow ------------------------------------------------------------------------------------
+
+
+def train_cached(
+    inputs: tuple[str, str, str], cfgs: Any, out_dir: str, home: Path, run_id: str
+) -> dict[str, Any]:
+    """The train task (cached on ``inputs`` and the configs); retrained when a cached result's
+    model folder was deleted; its result published at the DVC path even when cached."""
+    args = (*inputs, cfgs.model, cfgs.train, out_dir, str(home), run_id)
+    trained = train_task(*args)
+    if not Path(trained["model_dir"]).exists():
+        trained = train_task.with_options(refresh_cache=True)(*args)
+    return stages.publish_train(trained, home)
 
 
 @flow(name="retrain", log_prints=True)
@@ -257,53 +177,41 @@ def retrain(
     """
     home = find_root(root)
     params_path = Path(params_file) if Path(params_file).is_absolute() else home / params_file
-    cfgs = resolve(load_params(params_path, overrides or []))
-    cfgs.validate.report_dir = str(home / cfgs.validate.report_dir)
+    cfgs = load_configs(params_path, overrides or [])
     resolved = cfgs.resolved()
     try:
         tracking = start_run_task(str(home), cfgs.register.experiment, resolved)
     except Exception as exc:
         raise StageFailed("tracking (MLflow)", exc) from exc
     run_id = tracking["run_id"]
-    stage, report = "ingest", None
+    stage = "ingest"
     try:
         data = ingest_task(cfgs.data, str(home))
         record_data_task(run_id, data)
         stage = "validate"
-        report = str(Path(cfgs.validate.report_dir) / "report.json")
-        validate_task(data["path"], cfgs.validate, list(cfgs.data.expected_groups() or []) or None)
+        validate_task(cfgs.data, cfgs.validate, str(home))
         stage = "train"
         code = code_key()
         key = content_key(data["sha256"], resolved["model"], resolved["train"], code)
-        run_dir = home / "outputs" / "runs" / key[:16]
-        args = (
-            data["path"],
-            data["sha256"],
-            code,
-            cfgs.model,
-            cfgs.train,
-            str(run_dir / "train"),
-        )
-        trained = train_task(*args, run_id)
-        if not Path(trained["model_dir"]).exists():  # cached result whose files were deleted
-            trained = train_task.with_options(refresh_cache=True)(*args, run_id)
-        trained = {**trained, "beta": cfgs.train.beta}
+        run_dir = home / stages.RUNS_DIR / key[:16]
+        inputs = (data["path"], data["sha256"], code)  # what the cached tasks are keyed on
+        trained = train_cached(inputs, cfgs, str(run_dir / "train"), home, run_id)
         stage = "evaluate"
         evaluation = evaluate_task(
-            data["path"], data["sha256"], code, trained, cfgs.evaluate,
-            str(run_dir / f"evaluate-{cfgs.evaluate.split}"), cfgs.model,
+            *inputs, trained, cfgs.evaluate, cfgs.model, cfgs.train.beta,
+            str(run_dir / f"evaluate-{cfgs.evaluate.split}"), str(home),
         )  # fmt: skip
+        stages.publish_evaluation(evaluation, home)  # a cached result skipped publishing
         stage = "tracking"
         log_results_task(run_id, trained, evaluation, cfgs.register.metric)
-        model_uri = log_model_task(run_id, trained) if cfgs.register.log_model else None
+        model_uri = log_model_task(run_id, trained, cfgs.register.log_model)
         stage = "register"
-        decision = register_task(run_id, evaluation["metrics"], cfgs.register, model_uri)
+        decision = register_task(
+            tracking, evaluation["metrics"], cfgs.register, model_uri, str(home)
+        )
     except BaseException as exc:
-        failure = {
-            "stage": stage,
-            "error": str(exc),
-            "report_path": report if stage == "validate" else None,
-        }
+        report = str(Path(home / cfgs.validate.report_dir) / "report.json")
+        failure = stages.failure(stage, exc, report if stage == "validate" else None)
         with contextlib.suppress(Exception):  # keep the stage's error, not a tracking one
             end_run_task(run_id, "FAILED", failure)
         raise StageFailed(stage, exc) from exc
@@ -320,6 +228,7 @@ def summarize(
     metric: str,
 ) -> dict[str, Any]:
     """The run summary printed by ``grpo run`` and written by ``--json`` (plain JSON types)."""
+    from grpo import metric_names
     from tasks.evaluate import per_group_rows
 
     metrics = evaluation["metrics"]
@@ -344,14 +253,12 @@ def summarize(
             "split": evaluation["split"],
             "pairs": evaluation["pairs"],
             "per_group": rows,
-            "overall": {
-                k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("eval/overall/")
-            },
+            "overall": metric_names.of_kind(metrics, "overall"),
             "worst_group": {
                 "metric": metric,
                 "group": worst,
-                "value": metrics.get(f"eval/worst_group/{metric}"),
-                "gap": metrics.get(f"eval/group_gap/{metric}"),
+                "value": metrics.get(metric_names.worst_group(metric)),
+                "gap": metrics.get(metric_names.group_gap(metric)),
             },
             "metrics_path": evaluation["metrics_path"],
         },

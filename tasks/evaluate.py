@@ -1,22 +1,25 @@
 """The evaluate stage: per-group metrics of the trained policy on the held-out split.
 
-``evaluate(...)`` is what both ``grpo stage evaluate`` (dvc.yaml) and the Prefect flow call. It
-writes ``metrics.json`` (flat names: ``eval/group/<g>/<metric>``, ``eval/worst_group/<metric>``,
-``eval/overall/<metric>``, ``eval/group_gap/<metric>``) and ``per_group.json`` (one row per
-group, for ``dvc plots``) into ``out_dir``.
+``evaluate(...)`` is what the evaluate stage (``flows.stages``) calls for both ``grpo stage
+evaluate`` (dvc.yaml) and the Prefect flow. It writes ``metrics.json`` (flat names from
+``grpo.metric_names``: ``eval/group/<g>/<metric>``, ``eval/worst_group/<metric>``,
+``eval/overall/<metric>``, ``eval/group_gap/<metric>``), ``per_group.json`` (one row per group,
+for ``dvc plots``), ``samples.json`` and ``evaluation.json`` (split, pairs) into ``out_dir``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpo import metric_names
+from grpo.io import read_json, write_json
+
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.json"
 PER_GROUP_FILE = "per_group.json"
+SUMMARY_FILE = "evaluation.json"  # what was evaluated: split and number of pairs
 SPLITS = ("train", "validation", "test")
 
 
@@ -87,20 +90,29 @@ def evaluate(
     )
     metrics = flatten_metrics(result, prefix="eval")
     samples = generate_samples(policy, tokenizer, frame["prompt"].head(cfg.samples).tolist(), cfg)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = _write_json(out_dir / METRICS_FILE, metrics)
-    per_group_path = _write_json(out_dir / PER_GROUP_FILE, per_group_rows(metrics))
-    _write_json(out_dir / SAMPLES_FILE, samples)
-    return {
+    evaluation = {
         "metrics": metrics,
         "result": result,
-        "metrics_path": str(metrics_path),
-        "per_group_path": str(per_group_path),
         "split": cfg.split,
         "pairs": len(frame),
         "samples": samples,
+    }
+    return save_evaluation(evaluation, out_dir)
+
+
+def save_evaluation(evaluation: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Write ``metrics.json``, ``per_group.json`` and ``samples.json`` into ``out_dir``; returns
+    ``evaluation`` with ``metrics_path`` and ``per_group_path`` pointing there."""
+    out_dir = Path(out_dir)
+    metrics = evaluation["metrics"]
+    metrics_path = write_json(out_dir / METRICS_FILE, metrics)
+    per_group_path = write_json(out_dir / PER_GROUP_FILE, per_group_rows(metrics))
+    write_json(out_dir / SAMPLES_FILE, evaluation.get("samples") or [])
+    write_json(out_dir / SUMMARY_FILE, {k: evaluation[k] for k in ("split", "pairs")})
+    return {
+        **evaluation,
+        "metrics_path": str(metrics_path),
+        "per_group_path": str(per_group_path),
     }
 
 
@@ -112,22 +124,17 @@ def load_evaluation(out_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no evaluation here; run `grpo stage evaluate` first")
     samples = out_dir / SAMPLES_FILE
     return {
-        "metrics": json.loads(path.read_text(encoding="utf-8")),
+        **read_json(out_dir / SUMMARY_FILE),
+        "metrics": read_json(path),
         "metrics_path": str(path),
         "per_group_path": str(out_dir / PER_GROUP_FILE),
-        "samples": json.loads(samples.read_text(encoding="utf-8")) if samples.exists() else [],
+        "samples": read_json(samples) if samples.exists() else [],
     }
 
 
 def per_group_rows(metrics: dict[str, float]) -> list[dict[str, Any]]:
     """``[{"group": g, "<metric>": value, ...}]`` from the flat ``eval/group/<g>/<metric>`` names."""
-    rows: dict[str, dict[str, Any]] = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) >= 4 and parts[1] == "group":
-            group = "/".join(parts[2:-1])
-            rows.setdefault(group, {"group": group})[parts[-1]] = value
-    return [rows[g] for g in sorted(rows)]
+    return [{"group": g, **values} for g, values in metric_names.per_group(metrics).items()]
 
 
 def generate_samples(
@@ -150,10 +157,3 @@ def generate_samples(
         completion = tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         out.append({"prompt": prompt, "completion": completion})
     return out
-
-
-def _write_json(path: Path, data: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path

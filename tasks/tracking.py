@@ -4,13 +4,18 @@ Every function takes an explicit ``run_id`` (no reliance on MLflow's thread-loca
 so Prefect tasks can call them from any thread. What a run holds:
 
 - params: the resolved config, flattened to ``section.key`` (``params.yaml`` after overrides);
-- tags: the data version (``data.md5`` = DVC md5, ``data.git_rev``, ``data.source``) and the
-  training method;
+- tags: the data version (``data.md5`` = DVC md5, ``data.sha256``, ``data.git_rev``,
+  ``data.source``, ``data.rows``, ``data.groups``), ``train.method``, ``train.steps``,
+  ``eval.split``, ``pipeline`` (``prefect`` or ``dvc``: which path ran) and the gate's decision;
 - metrics: per-step training metrics (``train/loss``, ``train/group_loss/<g>``,
   ``train/group_weight/<g>``, ``val/...``) and the evaluation (``eval/group/<g>/<metric>``,
   ``eval/worst_group/<metric>``, ``eval/overall/<metric>``, ``eval/group_gap/<metric>``);
 - a per-group table (``eval/per_group.json``, ``mlflow.load_table``), three plots, and the policy
   as a transformers-flavor model (``mlflow.transformers.load_model("models:/NAME@champion")``).
+
+Both pipelines (the Prefect flow and ``dvc repro``) write a run only through :func:`open_run`,
+:func:`record_data`, :func:`record_results`, :func:`log_model` and :func:`close_run`, so the two
+records hold the same params, tags, metrics and artifacts.
 """
 
 from __future__ import annotations
@@ -164,12 +169,9 @@ def per_group_table(metrics: Mapping[str, float]) -> Any:
     """A DataFrame with one row per group from ``eval/group/<g>/<metric>`` names."""
     import pandas as pd
 
-    rows: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) >= 4 and parts[0] == "eval" and parts[1] == "group":
-            group, metric = "/".join(parts[2:-1]), parts[-1]
-            rows.setdefault(group, {})[metric] = value
+    from grpo import metric_names
+
+    rows = metric_names.per_group(metrics)
     frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
     frame.index.name = "group"
     return frame.reset_index()
@@ -227,6 +229,61 @@ def log_model(
         logging.getLogger("mlflow.transformers").setLevel(previous)
     client().update_run(run_id, status="RUNNING")  # the flow marks the end itself
     return info.model_uri
+
+
+# --- the run record, shared by the Prefect flow and `grpo stage register` -----------------------
+
+DATA_TAGS = ("md5", "sha256", "git_rev", "source", "rows", "groups")
+
+
+def open_run(
+    root: str | Path, experiment: str, resolved: Mapping[str, Any], pipeline: str
+) -> dict[str, str]:
+    """Start a run with the resolved config as params; tags ``train.method`` and ``pipeline``.
+
+    Returns ``{"run_id", "tracking_uri", "experiment_id"}``.
+    """
+    uri, experiment_id = setup(root, experiment)
+    tags = {"train.method": resolved["train"]["method"], "pipeline": pipeline}
+    run_id = start_run(experiment_id, tags=tags)
+    log_params(run_id, resolved)
+    return {"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}
+
+
+def record_data(run_id: str, data: Mapping[str, Any]) -> None:
+    """The data version as ``data.<key>`` tags (groups comma-separated)."""
+    tags = {f"data.{key}": data.get(key) for key in DATA_TAGS}
+    tags["data.groups"] = ",".join(map(str, data.get("groups") or []))
+    set_tags(run_id, tags)
+
+
+def record_results(
+    run_id: str,
+    trained: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    metric: str,
+    *,
+    history_logged: bool,
+) -> None:
+    """Training history (unless streamed already), evaluation, table, plots, samples, and the
+    ``train.steps`` / ``eval.split`` tags."""
+    log_results(
+        run_id, trained["history"], evaluation, metric, include_history=not history_logged
+    )
+    set_tags(run_id, {"train.steps": trained["steps"], "eval.split": evaluation["split"]})
+
+
+def close_run(run_id: str, status: str, failure: Mapping[str, Any] | None = None) -> None:
+    """End the run; a failure tags ``pipeline.failed_stage`` and ``pipeline.error`` and attaches
+    the validation report when there is one."""
+    if failure:
+        set_tags(
+            run_id,
+            {"pipeline.failed_stage": failure["stage"], "pipeline.error": failure["error"][:5000]},
+        )
+        if failure.get("report_path"):
+            log_artifact(run_id, failure["report_path"], "validation")
+    end_run(run_id, status)
 
 
 def log_results(
@@ -305,20 +362,20 @@ def curve_figure(history: Iterable[Mapping[str, Any]], prefix: str, title: str, 
 
 def worst_group_loss_history(history: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
     """Per step: the largest ``train/group_loss/<g>`` (and ``val/worst_group_loss`` when logged)."""
+    from grpo import metric_names as names
+
     out = []
     for record in history:
         losses = [
             float(v)
-            for k, v in record.items()
-            if k.startswith("train/group_loss/")
-            and isinstance(v, (int, float))
-            and not math.isnan(v)
+            for v in names.series(record, names.TRAIN_GROUP_LOSS).values()
+            if isinstance(v, (int, float)) and not math.isnan(v)
         ]
         row: dict[str, float] = {"step": record.get("step", len(out))}
         if losses:
             row["worst/train"] = max(losses)
-        if isinstance(record.get("val/worst_group_loss"), (int, float)):
-            row["worst/validation"] = float(record["val/worst_group_loss"])
+        if isinstance(record.get(names.VAL_WORST_GROUP_LOSS), (int, float)):
+            row["worst/validation"] = float(record[names.VAL_WORST_GROUP_LOSS])
         if len(row) > 1:
             out.append(row)
     return out
@@ -326,10 +383,12 @@ def worst_group_loss_history(history: Iterable[Mapping[str, Any]]) -> list[dict[
 
 def training_figures(history: list[Mapping[str, Any]], table: Any, metric: str) -> dict[str, Any]:
     """The three plots of a run, keyed by artifact file."""
+    from grpo.metric_names import TRAIN_GROUP_WEIGHT
+
     return {
         PLOT_FILES["group_accuracy"]: accuracy_figure(table, metric),
         PLOT_FILES["group_weights"]: curve_figure(
-            history, "train/group_weight/", "Group weights α over training", "weight"
+            history, TRAIN_GROUP_WEIGHT, "Group weights α over training", "weight"
         ),
         PLOT_FILES["worst_group_loss"]: curve_figure(
             worst_group_loss_history(history), "worst/", "Worst-group loss over training", "loss"

@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from grpo.io import atomic_open, read_json, write_json
 
 HISTORY_FILE = "history.csv"
 RESULT_FILE = "result.json"
@@ -42,11 +43,6 @@ def train(
     result = run_training(
         read_pairs(pairs_path), model_cfg, train_cfg, out_dir, log_fn=log_fn, resume=resume
     )
-    history = [dict(h) for h in result.history]
-    history_path = out_dir / HISTORY_FILE
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files
-    if rank0:
-        write_history(history, history_path)
     summary = {
         "out_dir": str(out_dir),
         "model_dir": str(result.model_dir),
@@ -58,11 +54,22 @@ def train(
         "steps": int(result.steps),
         "stopped_early": bool(result.stopped_early),
         "best": dict(result.best),
-        "history_path": str(history_path),
+        "history": [dict(h) for h in result.history],
     }
-    if rank0:
-        _write_json(out_dir / RESULT_FILE, summary)
-    return {**summary, "history": history}
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes files
+        return save_result(summary, out_dir)
+    return {**summary, "history_path": str(out_dir / HISTORY_FILE)}
+
+
+def save_result(result: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Write ``result.json`` (everything but the history) and ``history.csv`` into ``out_dir``;
+    returns ``result`` with ``history_path`` pointing there."""
+    out_dir = Path(out_dir)
+    history_path = write_history(result["history"], out_dir / HISTORY_FILE)
+    summary = {k: v for k, v in result.items() if k != "history"}
+    summary["history_path"] = str(history_path)
+    write_json(out_dir / RESULT_FILE, summary)
+    return {**summary, "history": result["history"]}
 
 
 def load_result(out_dir: str | Path) -> dict[str, Any]:
@@ -71,20 +78,16 @@ def load_result(out_dir: str | Path) -> dict[str, Any]:
     path = out_dir / RESULT_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained model here; run `grpo stage train` first")
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    return {**summary, "history": read_history(out_dir / HISTORY_FILE)}
+    return {**read_json(path), "history": read_history(out_dir / HISTORY_FILE)}
 
 
 def write_history(history: list[dict[str, Any]], path: Path) -> Path:
     """One row per step, one column per metric (missing values empty), written atomically."""
     columns = ["step", *sorted({k for h in history for k in h} - {"step"})]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
     return path
 
 
@@ -96,9 +99,3 @@ def read_history(path: Path) -> list[dict[str, float]]:
             {k: (int(float(v)) if k == "step" else float(v)) for k, v in row.items() if v != ""}
             for row in csv.DictReader(handle)
         ]
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -231,3 +231,99 @@ def test_failed_training_is_one_line_and_registers_nothing(project, capsys):
     experiments = [e.experiment_id for e in client().search_experiments()]
     latest = client().search_runs(experiments, order_by=["start_time DESC"], max_results=1)[0]
     assert latest.info.status == "FAILED" and latest.data.tags["pipeline.failed_stage"] == "train"
+
+
+# --- one stage path: `dvc repro` and `grpo run` give the same outputs and the same record ----
+
+RUN_SPECIFIC_TAGS = {"pipeline", "registered.version", "champion.reason"}
+
+
+def _project_with_dvc(path: Path) -> Path:
+    """This working tree's code, dvc.yaml and a params.yaml of the SMALL settings (DVC-tracked
+    data), in a fresh git + DVC repository with a local remote."""
+    import shutil
+
+    import yaml
+
+    from grpo.config import apply_overrides, load_yaml
+    from tests.test_data_dvc import make_repo
+
+    here = Path(__file__).resolve().parents[1]
+    path.mkdir()
+    for name in ("grpo", "tasks", "flows"):
+        shutil.copytree(here / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(here / "dvc.yaml", path / "dvc.yaml")
+    small = [*SMALL, "data.track=true", "register.min_worst_group_accuracy=0"]
+    params = apply_overrides(load_yaml(here / "params.yaml"), small)  # DVC wants every section
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    return make_repo(path)
+
+
+def _latest_run(uri: str):
+    import mlflow
+
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    return c.search_runs(experiments, order_by=["start_time DESC"], max_results=1)[0]
+
+
+def test_dvc_repro_and_grpo_run_write_the_same_outputs_and_record(tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from grpo.metric_names import TRAIN_STEP_TIME
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "grpo").exists() or not (bin_dir / "dvc").exists():
+        pytest.skip("the grpo and dvc commands are not installed beside this Python")
+    project = _project_with_dvc(tmp_path / "project")
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "PYTHONPATH": str(project),
+            "MLFLOW_TRACKING_URI": uri, "PREFECT_HOME": str(project / ".prefect")}  # fmt: skip
+
+    def sh(*cmd: str) -> str:
+        out = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout
+
+    def outputs() -> dict[str, object]:
+        files = ("evaluate/metrics.json", "evaluate/per_group.json", "data/ingest.json",
+                 "data/validation.json", "evaluate/evaluation.json")  # fmt: skip
+        found = {f: json.loads((project / "outputs" / f).read_text()) for f in files}
+        with (project / "outputs/train/history.csv").open() as fh:  # all but the timings
+            found["train/history.csv"] = [
+                {k: v for k, v in row.items() if k != TRAIN_STEP_TIME} for row in csv.DictReader(fh)
+            ]
+        return found
+
+    sh("dvc", "repro")
+    by_dvc, dvc_run = outputs(), _latest_run(uri)
+    sh("grpo", "run", "--json", str(tmp_path / "summary.json"))
+    by_flow, flow_run = outputs(), _latest_run(uri)
+
+    # the same numbers at the paths dvc.yaml declares, refreshed by the flow
+    assert by_flow == by_dvc
+    groups = [row["group"] for row in by_dvc["evaluate/per_group.json"]]
+    assert sorted(groups) == sorted(GROUPS)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["evaluation"]["per_group"] == by_dvc["evaluate/per_group.json"]
+    shown = json.loads(sh("dvc", "metrics", "show", "--json"))
+    assert "eval/group/Island/reward_accuracy" in json.dumps(shown)
+
+    # the same MLflow record: params, tags (but which path ran), metric names, evaluation
+    assert flow_run.info.run_id != dvc_run.info.run_id
+    assert flow_run.data.params == dvc_run.data.params
+    tags = [{k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")}
+            for r in (dvc_run, flow_run)]  # fmt: skip
+    assert set(tags[0]) == set(tags[1])
+    assert {k for k in tags[0] if tags[0][k] != tags[1][k]} <= RUN_SPECIFIC_TAGS
+    assert (tags[0]["pipeline"], tags[1]["pipeline"]) == ("dvc", "prefect")
+    assert tags[0]["data.md5"].endswith(".dir") and tags[0]["data.groups"] == ",".join(GROUPS)
+    assert tags[0]["eval.split"] == "test" and tags[0]["train.steps"] == "4"
+    assert set(flow_run.data.metrics) == set(dvc_run.data.metrics)
+    evaluation = {k: v for k, v in dvc_run.data.metrics.items() if k.startswith("eval/")}
+    assert {k: flow_run.data.metrics[k] for k in evaluation} == evaluation
+    assert evaluation == by_dvc["evaluate/metrics.json"]

@@ -49,17 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from flows.commands.run import _params_path, find_root
+    from flows.params import find_root, load_params, params_path, section
     from grpo.config import ConfigError
 
     root = find_root()
     try:
-        from flows.retrain import load_params
-        from grpo.config import from_dict
-        from tasks.register import RegisterConfig
-
-        params = load_params(_params_path(args.params, root))
-        cfg = from_dict(RegisterConfig, params.get("register"), where="params.yaml:register")
+        cfg = section(load_params(params_path(args.params, root)), "register")
     except (ConfigError, ValueError) as exc:
         print(f"grpo audit: error: {exc}", file=sys.stderr)
         return 2

@@ -46,8 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import json
-
     from grpo.data import DataFormatError, read_pairs
     from grpo.evaluation import evaluate_pairs, flatten_metrics, format_table
     from grpo.modeling import load_pretrained
@@ -82,8 +80,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     if args.json:
-        out = {**result, "metrics": flatten_metrics(result)}
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        tmp.replace(args.json)
+        from grpo.io import write_json
+
+        write_json(args.json, {**result, "metrics": flatten_metrics(result)})
     return 0

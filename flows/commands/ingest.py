@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,7 +34,7 @@ examples:
   grpo ingest --set data.source=globalopinionqa --set data.globalopinionqa.groups=[Japan,China]
   grpo ingest --set data.source=file --set data.path=my_pairs.jsonl --set data.groups=[a,b]
   grpo ingest --no-dvc --set data.dir=/tmp/pairs           # no DVC tracking
-  grpo ingest --json outputs/data/ingest.json              # what dvc.yaml's ingest stage runs
+  grpo ingest --json outputs/data/ingest.json              # the record dvc.yaml's ingest stage writes
 """
 
 
@@ -60,30 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=main)
 
 
-STABLE_KEYS = ("source", "md5", "sha256", "rows", "groups", "group_counts", "split_counts")
-
-
-def stable_record(result: dict, root: Path) -> dict:
-    """The run-independent part of the ingest result (what dvc.yaml's stage output holds)."""
-    record = {key: result.get(key) for key in STABLE_KEYS}
-    for key in ("path", "source_path", "dvc_file"):
-        value = result.get(key)
-        record[key] = os.path.relpath(value, root) if value else None
-    return record
-
-
 def main(args: argparse.Namespace) -> int:
-    from grpo.config import ConfigError, apply_overrides, load_yaml
+    from flows.params import load_params, section
+    from flows.stages import ingest_record
+    from grpo.config import ConfigError
     from grpo.data.schema import DataFormatError
-    from grpo.data.sources import data_config
+    from grpo.io import write_json
     from tasks.ingest import DvcError, ingest
 
     try:
-        # no params.yaml in the current folder: the built-in defaults
-        missing_default = args.params == "params.yaml" and not Path(args.params).exists()
-        params = {} if missing_default else load_yaml(args.params)
-        params = apply_overrides(params, args.overrides)
-        cfg = data_config(params)
+        # paths (params file, data.dir) are relative to the current folder
+        cfg = section(load_params(args.params, args.overrides), "data")
         if args.no_dvc:
             cfg.track = False
         result = ingest(cfg)
@@ -92,13 +77,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(format_summary(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(
-            json.dumps(stable_record(result, Path.cwd()), indent=2) + "\n", encoding="utf-8"
-        )
-        tmp.replace(path)
+        write_json(args.json, ingest_record(result, Path.cwd()))
     return 0
 
 

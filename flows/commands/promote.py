@@ -40,20 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from flows.commands.run import _params_path, find_root
+    from flows.params import find_root, load_params, params_path, section
     from grpo.config import ConfigError
 
     root = find_root()
     try:
-        from flows.retrain import load_params
-        from grpo.config import from_dict
-        from tasks.register import RegisterConfig
-
-        params = load_params(_params_path(args.params, root))
-        section = dict(params.get("register") or {})
+        overrides = []
         if args.threshold is not None:
-            section["min_worst_group_accuracy"] = args.threshold
-        cfg = from_dict(RegisterConfig, section, where="params.yaml:register")
+            overrides.append(f"register.min_worst_group_accuracy={args.threshold}")
+        cfg = section(load_params(params_path(args.params, root), overrides), "register")
     except (ConfigError, ValueError) as exc:
         print(f"grpo promote: error: {exc}", file=sys.stderr)
         return 2

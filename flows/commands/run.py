@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from flows.commands import add_params_arguments
+from flows.commands import add_params_arguments, prepare, quiet_loggers
 
 DESCRIPTION = """\
 Run the retraining pipeline as a Prefect flow:
@@ -59,15 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from flows.params import load_configs, params_path
     from grpo.config import ConfigError
 
     root = prepare(verbose=args.verbose)
     try:
-        from flows.retrain import StageFailed, load_params, resolve, retrain
+        from flows.retrain import StageFailed, retrain
 
         server = start_local_server()  # comes up while the heavy imports below run
         quiet_loggers(args.verbose)
-        resolve(load_params(_params_path(args.params, root), args.overrides))  # fail fast
+        load_configs(params_path(args.params, root), args.overrides)  # fail fast
     except (ConfigError, ValueError) as exc:
         print(f"grpo run: error: {exc}", file=sys.stderr)
         return 2
@@ -79,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         server.join()
     try:
         summary = retrain(
-            params_file=str(_params_path(args.params, root)),
+            params_file=str(params_path(args.params, root)),
             overrides=args.overrides,
             root=str(root),
         )
@@ -96,56 +95,10 @@ def main(args: argparse.Namespace) -> int:
         return 1
     print(format_summary(summary))
     if args.json:
-        write_json(summary, Path(args.json))
+        from grpo.io import write_json
+
+        write_json(Path(args.json), summary)
     return 0
-
-
-ROOT_MARKERS = ("params.yaml", "dvc.yaml", ".git")
-
-
-def find_root(start: str | Path | None = None) -> Path:
-    """The project root: the nearest folder (from ``start`` or the CWD upwards) holding
-    ``params.yaml``, ``dvc.yaml`` or ``.git``; the CWD itself when there is none."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if any((folder / marker).exists() for marker in ROOT_MARKERS):
-            return folder
-    return here
-
-
-def prepare(verbose: bool = False) -> Path:
-    """The project root, with Prefect's local mode and quiet logging set up before prefect loads."""
-    root = find_root()
-    for key, value in {
-        "PREFECT_HOME": str(root / ".prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        # an MLflow server that stops answering fails a task in seconds, not minutes
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    }.items():
-        os.environ.setdefault(key, value)
-    return root
-
-
-def quiet_loggers(verbose: bool = False) -> None:
-    """Libraries' INFO chatter off (call after prefect is imported: it configures logging)."""
-    import logging
-
-    if not verbose:
-        # these set their own loggers to INFO when imported: import them first, then quiet them
-        import dvc  # noqa: F401
-        import great_expectations  # noqa: F401
-        import mlflow  # noqa: F401
-
-        noisy = ("mlflow", "dvc", "great_expectations", "alembic", "httpx", "urllib3")
-        for name in (*noisy, "great_expectations.data_context.types.base"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        # a failed stage is reported in one line by `grpo run`; -v shows Prefect's tracebacks
-        for name in ("prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def tracking_unreachable(root: Path) -> str | None:
@@ -181,20 +134,6 @@ def start_local_server():
     thread = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
     thread.start()
     return thread
-
-
-def _params_path(path: str, root: Path) -> Path:
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    return root / p
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_summary(s: dict[str, Any]) -> str:

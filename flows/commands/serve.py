@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from flows.commands import add_params_arguments
+from flows.commands import add_params_arguments, prepare, quiet_loggers
 
 DESCRIPTION = """\
 Serve the retrain flow as a Prefect deployment on a cron schedule: this process registers the
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from flows.commands.run import _params_path, find_root, prepare, quiet_loggers
+    from flows.params import load_configs, params_path
     from grpo.config import ConfigError
 
     root = prepare()
@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    params_file = str(_params_path(args.params, root))
+    params_file = str(params_path(args.params, root))
     try:
         from prefect.client.schemas.schedules import CronSchedule
 
@@ -70,9 +70,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--cron {args.cron!r} / --timezone {args.timezone!r}: not a valid schedule"
             ) from None
-        from flows.retrain import load_params, resolve
-
-        resolve(load_params(params_file, args.overrides))  # fail now, not at 3 a.m.
+        load_configs(params_file, args.overrides)  # fail now, not at 3 a.m.
     except (ConfigError, ValueError) as exc:
         print(f"grpo serve: error: {exc}", file=sys.stderr)
         return 2
@@ -84,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
             args.cron,
             params_file=params_file,
             overrides=args.overrides,
-            root=str(find_root()),
+            root=str(root),
             name=args.name,
             timezone=args.timezone,
         )

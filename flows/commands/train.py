@@ -50,32 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=main)
 
 
-def load_params(path: str, overrides: list[str]) -> dict:
-    """params.yaml (absent default file = embedded defaults) with ``--set`` overrides."""
-    from grpo.config import ConfigError, apply_overrides, load_yaml
-
-    file = Path(path)
-    if not file.exists():
-        if path != "params.yaml":
-            raise ConfigError(f"{path}: no such params file")
-        return apply_overrides({}, overrides)
-    return apply_overrides(load_yaml(file), overrides)
-
-
 def main(args: argparse.Namespace) -> int:
-    import json
-
-    from grpo.config import ConfigError, from_dict
+    from flows.params import load_params, section
+    from grpo.config import ConfigError
 
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         params = load_params(args.params, args.overrides)
         from grpo.data import DataFormatError, read_pairs
-        from grpo.modeling import ModelConfig
-        from grpo.trainer import TrainConfig, train
+        from grpo.trainer import train
 
-        model_cfg = from_dict(ModelConfig, params.get("model"), where=f"{args.params}:model")
-        train_cfg = from_dict(TrainConfig, params.get("train"), where=f"{args.params}:train")
+        model_cfg = section(params, "model", args.params)
+        train_cfg = section(params, "train", args.params)
         pairs = read_pairs(args.data)
         result = train(pairs, model_cfg, train_cfg, args.out, resume=not args.no_resume)
     except (ConfigError, DataFormatError, ValueError) as exc:
@@ -97,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
                 f"at step {result.best['step']}"
             )
         if args.json:
-            tmp = args.json.with_name(f".{args.json.name}.tmp")
-            tmp.write_text(json.dumps(result.to_json(), indent=2, default=float) + "\n")
-            tmp.replace(args.json)
+            from grpo.io import write_json
+
+            write_json(args.json, result.to_json())
     return 0

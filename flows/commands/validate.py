@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 DESCRIPTION = """\
 Validate a preference-pair table (JSONL, CSV or Parquet with the canonical columns pair_id,
@@ -77,20 +75,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from grpo.config import ConfigError, apply_overrides, from_dict, load_yaml
-    from grpo.data.sources import data_config
+    from flows.params import load_params, section
+    from grpo.config import ConfigError
 
     try:
-        params = load_yaml(args.params) if args.params else {}
-        params = apply_overrides(params, args.overrides)
-        from tasks.validate import DataValidationError, ValidateConfig, format_report, validate
+        # without --params: the embedded defaults (and the groups found in the file)
+        params = load_params(args.params, args.overrides)
+        from tasks.validate import DataValidationError, format_report, validate
 
-        cfg = from_dict(ValidateConfig, params.get("validate"), where="params.yaml:validate")
+        cfg = section(params, "validate")
         groups = None
         if args.groups:
             groups = [g.strip() for g in args.groups.split(",") if g.strip()]
         elif args.params:
-            groups = data_config(params).expected_groups()
+            groups = section(params, "data").expected_groups()
         if groups is None:
             print(
                 "grpo validate: no --groups: checking against the groups found in the file "
@@ -108,16 +106,8 @@ def main(args: argparse.Namespace) -> int:
         code = 1
         print(format_report(result), file=sys.stderr)
     if args.json:
-        summary = {
-            "success": result["success"],
-            "rows": result["rows"],
-            "groups": result["groups"],
-            "expectations": result["expectations"],
-            "failed": [
-                f"{f['table']}:{f['expectation']}:{f['column']}" for f in result["failures"]
-            ],
-        }
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        from flows.stages import validation_record
+        from grpo.io import write_json
+
+        write_json(args.json, validation_record(result))
     return code

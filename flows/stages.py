@@ -1,0 +1,251 @@
+"""The pipeline's stages: the one implementation behind both ``grpo run`` and ``dvc repro``.
+
+Each stage function composes the ``tasks`` that do the work and writes the stage's outputs at
+the paths ``dvc.yaml`` declares, so after either path ``outputs/`` holds the latest run::
+
+    ingest    tasks.ingest           -> outputs/data/ingest.json (the data version, stable fields)
+    validate  tasks.validate         -> outputs/data/validation.json (+ reports/validation/)
+    train     tasks.train            -> outputs/train/result.json, history.csv
+    evaluate  tasks.evaluate         -> outputs/evaluate/metrics.json, per_group.json, samples.json
+    register  tasks.tracking/register -> outputs/register/decision.json (+ the MLflow run)
+
+The Prefect flow (``flows/retrain.py``) calls them as tasks, training into a content-keyed folder
+``outputs/runs/<key>/`` that its cache points at, and republishes the small result files to the
+paths above (:func:`publish_train`, :func:`publish_evaluation`) even when a result came from its
+cache. ``grpo stage NAME`` (:func:`run_from_files`) runs one stage in its own process, reading
+what the previous stage wrote. The MLflow record is written by the same functions in both
+(``tasks.tracking.open_run`` … ``close_run``); only its ``pipeline`` tag says which path ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grpo.io import read_json, write_json
+
+if TYPE_CHECKING:
+    from flows.params import Configs
+
+INGEST_JSON = "outputs/data/ingest.json"
+VALIDATION_JSON = "outputs/data/validation.json"
+TRAIN_DIR = "outputs/train"
+EVALUATE_DIR = "outputs/evaluate"
+DECISION_JSON = "outputs/register/decision.json"
+RUNS_DIR = "outputs/runs"  # the flow's content-keyed training and evaluation folders
+
+INGEST_KEYS = ("source", "md5", "sha256", "rows", "groups", "group_counts", "split_counts")
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+def pairs_path(cfgs: Configs, root: Path) -> Path:
+    """The ingested pair table (``<data.dir>/pairs.parquet`` under the project root)."""
+    from grpo.data.sources import PAIRS_FILE
+
+    return root / cfgs.data.dir / PAIRS_FILE
+
+
+# --- ingest and validate -----------------------------------------------------------------------
+
+
+def ingest(data_cfg: Any, root: Path) -> dict[str, Any]:
+    """Build, write and DVC-version the pairs; writes :data:`INGEST_JSON`; returns the full
+    result of ``tasks.ingest.ingest`` (path, md5, sha256, git_rev, rows, groups, ...)."""
+    from tasks.ingest import ingest as build
+
+    result = build(data_cfg, root=root)
+    write_json(root / INGEST_JSON, ingest_record(result, root))
+    return result
+
+
+def ingest_record(result: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The run-independent part of an ingest result (paths relative to ``root``): what
+    :data:`INGEST_JSON` holds, byte-identical when the data did not change."""
+    record = {key: result.get(key) for key in INGEST_KEYS}
+    for key in ("path", "source_path", "dvc_file"):
+        value = result.get(key)
+        record[key] = os.path.relpath(value, root) if value else None
+    return record
+
+
+def validate(data_cfg: Any, validate_cfg: Any, root: Path) -> dict[str, Any]:
+    """The Great Expectations suite on the ingested table, against the configured groups.
+
+    Writes :data:`VALIDATION_JSON` either way, then raises ``DataValidationError`` on failure.
+    """
+    from grpo.data.sources import PAIRS_FILE
+    from tasks.validate import DataValidationError
+    from tasks.validate import validate as check
+
+    cfg = dataclasses.replace(validate_cfg, report_dir=str(root / validate_cfg.report_dir))
+    try:
+        result = check(root / data_cfg.dir / PAIRS_FILE, cfg, data_cfg.expected_groups())
+    except DataValidationError as exc:
+        write_json(root / VALIDATION_JSON, validation_record(exc.result))
+        raise
+    write_json(root / VALIDATION_JSON, validation_record(result))
+    return result
+
+
+def validation_record(result: dict[str, Any]) -> dict[str, Any]:
+    """The stable summary of a validation result (no timings or absolute paths)."""
+    failed = [f"{f['table']}:{f['expectation']}:{f['column']}" for f in result["failures"]]
+    keys = ("success", "rows", "groups", "expectations")
+    return {**{k: result.get(k) for k in keys}, "failed": failed}
+
+
+# --- train and evaluate ------------------------------------------------------------------------
+
+
+def train(
+    pairs: str | Path,
+    model_cfg: Any,
+    train_cfg: Any,
+    out_dir: str | Path,
+    root: Path,
+    *,
+    log_fn: LogFn | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """SFT (if configured) + preference training into ``out_dir``; publishes the result."""
+    from tasks.train import train as fit
+
+    result = fit(pairs, model_cfg, train_cfg, out_dir, log_fn=log_fn, resume=resume)
+    return publish_train(result, root)
+
+
+def publish_train(result: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Write the training result and history at :data:`TRAIN_DIR` (unless trained there)."""
+    from tasks.train import save_result
+
+    if Path(result["out_dir"]).resolve() != (root / TRAIN_DIR).resolve():
+        save_result(result, root / TRAIN_DIR)
+    return result
+
+
+def evaluate(
+    pairs: str | Path,
+    trained: dict[str, Any],
+    eval_cfg: Any,
+    model_cfg: Any,
+    beta: float,
+    out_dir: str | Path,
+    root: Path,
+) -> dict[str, Any]:
+    """Per-group metrics of the trained policy against its reference; publishes them."""
+    from tasks.evaluate import evaluate as score
+
+    result = score(
+        pairs, trained["model_dir"], trained["reference_dir"], eval_cfg, out_dir,
+        beta=beta, method=trained["method"], model_cfg=model_cfg,
+    )  # fmt: skip
+    return publish_evaluation(result, root)
+
+
+def publish_evaluation(result: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Write the evaluation files at :data:`EVALUATE_DIR` (unless evaluated there)."""
+    from tasks.evaluate import save_evaluation
+
+    if Path(result["metrics_path"]).parent.resolve() != (root / EVALUATE_DIR).resolve():
+        save_evaluation(result, root / EVALUATE_DIR)
+    return result
+
+
+# --- register: the MLflow run and the gate -----------------------------------------------------
+
+
+def log_model(run_id: str, trained: dict[str, Any], enabled: bool) -> str | None:
+    """The policy as an MLflow model (None when ``register.log_model`` is off)."""
+    from tasks.tracking import log_model as log
+
+    return (
+        log(run_id, trained["model_dir"], metadata={"method": trained["method"]})
+        if enabled
+        else None
+    )
+
+
+def register(
+    run: dict[str, str], metrics: dict[str, float], cfg: Any, model_uri: str | None, root: Path
+) -> dict[str, Any]:
+    """The worst-group gate and the registry aliases; writes :data:`DECISION_JSON`."""
+    from tasks.register import register as gate
+
+    decision = gate(run["run_id"], metrics, cfg, model_uri=model_uri)
+    write_json(
+        root / DECISION_JSON,
+        {"run_id": run["run_id"], "tracking_uri": run["tracking_uri"], **decision},
+    )
+    return decision
+
+
+def failure(stage: str, exc: BaseException, report_path: str | None = None) -> dict[str, Any]:
+    """What ``tasks.tracking.close_run`` tags on a failed run."""
+    return {"stage": stage, "error": str(exc), "report_path": report_path}
+
+
+# --- `grpo stage NAME`: one stage from the files the previous one wrote -------------------------
+
+
+def stage_ingest(cfgs: Configs, root: Path) -> dict[str, Any]:
+    return ingest(cfgs.data, root)
+
+
+def stage_validate(cfgs: Configs, root: Path) -> dict[str, Any]:
+    return validate(cfgs.data, cfgs.validate, root)
+
+
+def stage_train(cfgs: Configs, root: Path) -> dict[str, Any]:
+    # outputs/train is shared by every config: always start fresh, never resume
+    result = train(pairs_path(cfgs, root), cfgs.model, cfgs.train, root / TRAIN_DIR, root)
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+def stage_evaluate(cfgs: Configs, root: Path) -> dict[str, Any]:
+    from tasks.train import load_result
+
+    trained = load_result(root / TRAIN_DIR)
+    result = evaluate(
+        pairs_path(cfgs, root), trained, cfgs.evaluate, cfgs.model, cfgs.train.beta,
+        root / EVALUATE_DIR, root,
+    )  # fmt: skip
+    return {k: result[k] for k in ("metrics_path", "per_group_path", "split", "pairs")}
+
+
+def stage_register(cfgs: Configs, root: Path) -> dict[str, Any]:
+    """One MLflow run recorded as the flow records it, then the gate."""
+    from tasks import tracking
+    from tasks.evaluate import load_evaluation
+    from tasks.ingest import git_revision
+    from tasks.train import load_result
+
+    trained = load_result(root / TRAIN_DIR)
+    evaluation = load_evaluation(root / EVALUATE_DIR)
+    data = {"git_rev": git_revision(root), **read_json(root / INGEST_JSON)}
+    run = tracking.open_run(root, cfgs.register.experiment, cfgs.resolved(), pipeline="dvc")
+    try:
+        tracking.record_data(run["run_id"], data)
+        tracking.record_results(
+            run["run_id"], trained, evaluation, cfgs.register.metric, history_logged=False
+        )
+        model_uri = log_model(run["run_id"], trained, cfgs.register.log_model)
+        decision = register(run, evaluation["metrics"], cfgs.register, model_uri, root)
+    except BaseException as exc:
+        tracking.close_run(run["run_id"], "FAILED", failure("register", exc))
+        raise
+    tracking.close_run(run["run_id"], "FINISHED")
+    return {"run_id": run["run_id"], "tracking_uri": run["tracking_uri"], **decision}
+
+
+FROM_FILES: dict[str, Callable[[Configs, Path], dict[str, Any]]] = {
+    "ingest": stage_ingest,
+    "validate": stage_validate,
+    "train": stage_train,
+    "evaluate": stage_evaluate,
+    "register": stage_register,
+}
+STAGES = tuple(FROM_FILES)

@@ -5,23 +5,24 @@
 - :mod:`grpo.data.generated`: the embedded generated dataset (no network), the default source.
 - :mod:`grpo.data.globalopinionqa`: GlobalOpinionQA as the paper uses it (Hub or distributional JSON).
 - :mod:`grpo.data.splits`: question-level train/validation/test splits.
-- :mod:`grpo.data.sources`: ``DataConfig`` (``params.yaml`` → ``data``) and ``build_pairs``.
+- :mod:`grpo.data.sources`: the registered sources (``SOURCES``), ``DataConfig`` (``params.yaml`` →
+  ``data``) and ``build_pairs``.
 """
 
 from grpo.data.generated import GeneratedConfig, generate
 from grpo.data.globalopinionqa import GlobalOpinionQAConfig
 from grpo.data.schema import COLUMNS, SPLITS, DataFormatError, read_pairs, write_pairs
-from grpo.data.sources import DataConfig, build_pairs, data_config
+from grpo.data.sources import SOURCES, DataConfig, build_pairs
 
 __all__ = [
     "COLUMNS",
+    "SOURCES",
     "SPLITS",
     "DataConfig",
     "DataFormatError",
     "GeneratedConfig",
     "GlobalOpinionQAConfig",
     "build_pairs",
-    "data_config",
     "generate",
     "read_pairs",
     "write_pairs",

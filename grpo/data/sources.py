@@ -1,37 +1,61 @@
-"""The ``data`` stage's configuration and the dispatch from a source to the canonical table.
+"""The data sources, registered in one table, and the ``data`` stage's configuration.
 
 ``params.yaml`` → ``data``::
 
     data:
-      source: generated          # generated | globalopinionqa | file
+      source: generated          # a name in SOURCES
       dir: data                  # the ingested folder (tracked by data.dvc)
-      generated: {...}           # grpo.data.generated.GeneratedConfig
-      globalopinionqa: {...}     # grpo.data.globalopinionqa.GlobalOpinionQAConfig
+      generated: {...}           # each registered source's own section: its config class
+      globalopinionqa: {...}
       path: null                 # source=file: your table (JSONL, CSV or Parquet)
       groups: null               # source=file: the expected groups (null: those in the file)
+
+Adding a source is one module plus one line in :data:`SOURCES`: the module defines a config
+dataclass (with a ``groups`` field: the groups the source yields) and a ``build(config)`` that
+returns the canonical pairs, or ``(pairs, source table)`` for a distributional source whose
+shares the validation suite should check. :class:`DataConfig` then has a ``data.<name>``
+section for it, ``source: <name>`` selects it, and ingest, validation and the flow use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from grpo.config import from_dict
+from grpo.data import globalopinionqa
 from grpo.data.generated import GeneratedConfig, generate
-from grpo.data.globalopinionqa import GlobalOpinionQAConfig, build
 from grpo.data.schema import read_pairs
 
-SOURCES = ("generated", "globalopinionqa", "file")
 PAIRS_FILE = "pairs.parquet"
 SOURCE_FILE = "pairs.source.parquet"  # distributional sources: one row per question × group
 
+Built = pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame | None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A way to get pairs: ``config`` is the dataclass of its ``data.<name>`` section (None: the
+    source is configured by ``data.path``/``data.groups`` and ``build`` gets the path)."""
+
+    config: type | None
+    build: Callable[[Any], Built]
+
+
+SOURCES: dict[str, Source] = {
+    "generated": Source(GeneratedConfig, generate),
+    "globalopinionqa": Source(globalopinionqa.GlobalOpinionQAConfig, globalopinionqa.build),
+    "file": Source(None, read_pairs),
+}
+
 
 @dataclass
-class DataConfig:
-    """Where the pairs come from and where the ingested table goes."""
+class _DataSettings:
+    """What every source shares; :class:`DataConfig` adds one section per registered source."""
 
     source: str = "generated"
     dir: str = "data"
@@ -39,54 +63,56 @@ class DataConfig:
     push: bool = True  # then `dvc push` it to the default DVC remote
     path: str | None = None
     groups: tuple[str, ...] | None = None
-    generated: GeneratedConfig | dict = field(default_factory=GeneratedConfig)
-    globalopinionqa: GlobalOpinionQAConfig | dict = field(default_factory=GlobalOpinionQAConfig)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"source: must be one of {list(SOURCES)}, got {self.source!r}")
-        if isinstance(self.generated, dict):
-            self.generated = from_dict(GeneratedConfig, self.generated, where="data.generated")
-        if isinstance(self.globalopinionqa, dict):
-            self.globalopinionqa = from_dict(
-                GlobalOpinionQAConfig, self.globalopinionqa, where="data.globalopinionqa"
+        for name, registered in SOURCES.items():
+            value = getattr(self, name, None)
+            if registered.config is not None and isinstance(value, dict):
+                setattr(self, name, from_dict(registered.config, value, where=f"data.{name}"))
+        if SOURCES[self.source].config is None and not self.path:
+            raise ValueError(
+                f"path: source={self.source} needs data.path, the file with your pairs"
             )
-        if self.source == "file" and not self.path:
-            raise ValueError("path: source=file needs data.path, the file with your pairs")
         if self.groups is not None:
             self.groups = tuple(str(g) for g in self.groups)
         if not str(self.dir).strip():
             raise ValueError("dir: must name a folder, e.g. data")
 
+    def section(self) -> Any:
+        """The selected source's own config (None for a source read from ``data.path``)."""
+        return getattr(self, self.source) if SOURCES[self.source].config is not None else None
+
     def expected_groups(self) -> tuple[str, ...] | None:
         """The configured group set (None for a file source without ``groups``)."""
-        if self.source == "generated":
-            return tuple(self.generated.groups)
-        if self.source == "globalopinionqa":
-            return tuple(self.globalopinionqa.groups)
-        return self.groups
+        section = self.section()
+        return tuple(section.groups) if section is not None else self.groups
 
 
-def data_config(params: dict[str, Any] | None) -> DataConfig:
-    """``DataConfig`` from a whole params dict (its ``data`` section)."""
-    return from_dict(DataConfig, (params or {}).get("data"), where="params.yaml:data")
+# One ``data.<name>`` field per registered source with a section, defaulting to its defaults.
+DataConfig = make_dataclass(
+    "DataConfig",
+    [(n, s.config, field(default_factory=s.config)) for n, s in SOURCES.items() if s.config],
+    bases=(_DataSettings,),
+    namespace={"__module__": __name__, "__doc__": "Where the pairs come from and where they go."},
+)
 
 
-def build_pairs(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, tuple[str, ...]]:
-    """(pairs, source table or None, groups) for the configured source.
+def build_pairs(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame | None, tuple[str, ...]]:
+    """(pairs, source table or None, groups) for the configured source of ``cfg`` (a DataConfig).
 
     The source table (question × group rows with options and shares) exists for
     distributional sources only; the validation suite checks its shares.
     """
-    if cfg.source == "generated":
-        pairs = generate(cfg.generated)
-        return pairs, None, tuple(cfg.generated.groups)
-    if cfg.source == "globalopinionqa":
-        pairs, source = build(cfg.globalopinionqa)
-        return pairs, source, tuple(cfg.globalopinionqa.groups)
-    pairs = read_pairs(cfg.path)
-    groups = cfg.groups or tuple(sorted({g for g in pairs["group"] if isinstance(g, str)}))
-    return pairs, None, groups
+    registered, section = SOURCES[cfg.source], cfg.section()
+    if section is None:
+        pairs = registered.build(cfg.path)
+        found = tuple(sorted({g for g in pairs["group"] if isinstance(g, str)}))
+        return pairs, None, cfg.groups or found
+    built = registered.build(section)
+    pairs, table = built if isinstance(built, tuple) else (built, None)
+    return pairs, table, tuple(section.groups)
 
 
 def source_stats(source: pd.DataFrame) -> pd.DataFrame:

@@ -159,12 +159,15 @@ class TrainResult:
     model_dir: Path  # the trained policy: save_pretrained model + tokenizer (+ grpo.json)
     reference_dir: Path  # the reference (SFT) policy, needed to evaluate implicit rewards
     groups: list[str]
-    alpha: list[float]  # final α (uniform for non-robust methods)
-    weights: list[float]  # final θ-step group weights w
+    alpha: list[float]  # α of the saved policy's step (uniform for non-robust methods)
+    weights: list[float]  # θ-step group weights w of the saved policy's step
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per step
     best: dict[str, float] = field(default_factory=dict)  # best validation metrics
     steps: int = 0
     stopped_early: bool = False
+    # α and w after the last step; equal to alpha/weights unless keep_best kept an earlier step
+    final_alpha: list[float] = field(default_factory=list)
+    final_weights: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -404,6 +407,8 @@ class LoopState:
     permutation: torch.Tensor | None = None  # the current epoch's data order (None: draw anew)
     best_value: float = math.inf  # best monitored validation value so far
     best_metrics: dict[str, Any] = field(default_factory=dict)  # its step and validation losses
+    best_alpha: list[float] | None = None  # α and w after the best step (kept with keep_best)
+    best_weights: list[float] | None = None
     bad_evals: int = 0  # validations since the best one
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per step
@@ -594,6 +599,8 @@ def _validate(trainer: PreferenceTrainer, state: LoopState, best_file: Path) -> 
             metric_names.VAL_AVERAGE_LOSS: val["average_loss"],
             "worst_group": val["worst_group"],
         }
+        state.best_alpha = [float(x) for x in trainer.weights.alpha]
+        state.best_weights = [float(x) for x in trainer.weights.weights]
         if cfg.keep_best and trainer.dist.main:
             save_trainable(trainer.policy, best_file)
     else:
@@ -625,39 +632,56 @@ def _finish(
     model_cfg: ModelConfig,
     out_dir: Path,
 ) -> TrainResult:
-    """Restore the best validated parameters (``keep_best``); save the policy with its
-    ``grpo.json`` (what evaluation and serving need) and ``train_result.json``."""
+    """Restore the best validated parameters and their group weights (``keep_best``); save the
+    policy with its ``grpo.json`` (what evaluation and serving need) and ``train_result.json``."""
     cfg, best_file = trainer.cfg, out_dir / BEST_POLICY
-    if cfg.keep_best and best_file.exists():
+    final_alpha = [float(x) for x in trainer.weights.alpha]
+    final_weights = [float(x) for x in trainer.weights.weights]
+    kept = cfg.keep_best and bool(state.best_metrics) and best_file.exists()
+    if kept:
         load_trainable(trainer.policy, best_file, trainer.device)
     result = TrainResult(
         model_dir=out_dir / "policy",
         reference_dir=out_dir / "reference",
         groups=trainer.group_names,
-        alpha=[float(x) for x in trainer.weights.alpha],
-        weights=[float(x) for x in trainer.weights.weights],
+        alpha=state.best_alpha if kept and state.best_alpha is not None else final_alpha,
+        weights=state.best_weights if kept and state.best_weights is not None else final_weights,
         history=state.history,
         best=state.best_metrics,
         steps=trainer.step,
         stopped_early=state.stopped_early,
+        final_alpha=final_alpha,
+        final_weights=final_weights,
     )
     if trainer.dist.main:
-        info = {
-            "stage": "policy",
-            "method": cfg.method,
-            "loss": trainer.method.loss,
-            "beta": cfg.beta,
-            "groups": result.groups,
-            "alpha": result.alpha,
-            "reference_dir": str(result.reference_dir),
-            "max_prompt_tokens": model_cfg.max_prompt_tokens,
-            "max_response_tokens": model_cfg.max_response_tokens,
-            "padding_side": model_cfg.padding_side,
-        }
+        step = state.best_metrics["step"] if kept else trainer.step
+        info = _policy_info(trainer, result, model_cfg, step)
         save_model(trainer.policy, tokenizer, result.model_dir, extra=info)
         write_json(out_dir / RESULT_FILE, result.to_json(), sort_keys=True)
     trainer.dist.barrier()
     return result
+
+
+def _policy_info(
+    trainer: PreferenceTrainer, result: TrainResult, model_cfg: ModelConfig, step: int
+) -> dict[str, Any]:
+    """The saved policy's ``grpo.json``: how it was trained, the group weights of ``step`` (the
+    step whose parameters were saved) and the final α, and how to tokenise for it."""
+    return {
+        "stage": "policy",
+        "method": trainer.cfg.method,
+        "loss": trainer.method.loss,
+        "beta": trainer.cfg.beta,
+        "groups": result.groups,
+        "alpha": result.alpha,
+        "weights": result.weights,
+        "step": step,
+        "final_alpha": result.final_alpha,
+        "reference_dir": str(result.reference_dir),
+        "max_prompt_tokens": model_cfg.max_prompt_tokens,
+        "max_response_tokens": model_cfg.max_response_tokens,
+        "padding_side": model_cfg.padding_side,
+    }
 
 
 # --------------------------------------------------------------------------- set-up steps

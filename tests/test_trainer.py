@@ -180,3 +180,27 @@ def test_lora_run_saves_merged_policy_and_resumes(setup, tmp_path):
     assert second.steps == 6
     assert [h["step"] for h in second.history] == [1, 2, 3, 4, 5, 6]
     assert second.history[:4] == first.history
+
+
+def test_saved_policy_records_the_group_weights_of_the_kept_step(tmp_path):
+    """keep_best saves an earlier step's parameters: grpo.json and the result carry that step's
+    α and w (read back from the step's logged weights: with χ = 1, w = α), not the last step's."""
+    cfg = TrainConfig(
+        method="gr-dpo", eta_alpha=1.0, batch_size=8, epochs=0, max_steps=8, eval_every=2,
+        checkpoint_every=0, lr=3e-2, scheduler_patience=100, early_stop_patience=0,
+        keep_best=True, progress=False,
+    )  # fmt: skip
+    result = train(small_pairs(150, seed=3), tiny_model_cfg(), cfg, tmp_path)
+    kept = result.best["step"]
+    assert kept < result.steps == 8  # the case under test: the best step is not the last
+    _, _, info = load_pretrained(result.model_dir, "cpu")
+
+    def logged(step: int) -> list[float]:
+        entry = result.history[step - 1]
+        return [entry[f"train/group_weight/{g}"] for g in result.groups]
+
+    assert info["alpha"] == result.alpha == logged(kept)
+    assert info["weights"] == result.weights == logged(kept)
+    assert info["step"] == kept
+    assert result.final_alpha == info["final_alpha"] == logged(8)
+    assert result.final_alpha != pytest.approx(result.alpha, abs=1e-3)

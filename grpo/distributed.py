@@ -12,6 +12,7 @@ gradient accumulation.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -101,6 +102,26 @@ def micro_batches(
     return [chunks[a * world + rank] for a in range(grad_accum)]
 
 
+class NonFiniteError(ValueError):
+    """Training met a NaN or infinite value; training stops, nothing of the step is kept.
+
+    ``stage`` is "sft" or "preference", ``step`` the 1-based optimizer step, ``quantity`` what
+    was non-finite (loss, gradient norm, group weight) and ``groups`` the groups involved: those
+    whose loss or weight is non-finite, or for a gradient the groups in the step's batch.
+    """
+
+    def __init__(
+        self, stage: str, step: int, quantity: str, groups: Sequence[str] = (), detail: str = ""
+    ) -> None:
+        self.stage, self.step, self.quantity, self.groups = stage, step, quantity, list(groups)
+        where = f" in group(s) {self.groups}" if self.groups else ""
+        super().__init__(
+            f"{stage} step {step}: non-finite {quantity}{where}{detail}; training stopped "
+            "(nothing from this step is saved). Try a smaller lr or eta_alpha, or look at these "
+            "groups' pairs"
+        )
+
+
 class MicroBatch(NamedTuple):
     """One micro-batch: its pair ``index`` (b,) into the data, those ``pairs``, and ``batch``, the
     collated model input on the device."""
@@ -129,10 +150,11 @@ def accumulate_and_step(
     the scalar to minimise, backward. ``loss_fn`` must scale each micro-batch's loss by its share
     of the global batch (the losses add up to the global batch's loss); DDP averages gradients
     over ranks, so the loss is multiplied by world_size to undo that. Gradients are all-reduced
-    once, at the last micro-batch. Then the norm is clipped (``grad_clip`` > 0), the optimizer
-    steps and the gradients are freed.
+    once, at the last micro-batch. Then the gradient norm is clipped (``grad_clip`` > 0) or just
+    measured, the optimizer steps unless the norm is NaN or infinite (a non-finite gradient is
+    never applied: the caller raises :class:`NonFiniteError`), and the gradients are freed.
 
-    Returns (Σ of this rank's micro-batch losses, gradient norm before clipping or NaN when off).
+    Returns (Σ of this rank's micro-batch losses, the gradient norm before clipping).
     """
     model.train()
     total = 0.0
@@ -148,11 +170,14 @@ def accumulate_and_step(
             loss = loss_fn(micro, output)
             (loss * dist_info.world_size).backward()
         total += float(loss.detach())
-    grad_norm = float("nan")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_clip > 0:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    optimizer.step()
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads))
+    if math.isfinite(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm
 

@@ -7,6 +7,7 @@ log-likelihood per response token, −Σ_i log π(y_w,i | x_i) / Σ_i |y_w,i|.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from grpo.distributed import (
     DistInfo,
     MicroBatch,
+    NonFiniteError,
     accumulate_and_step,
     micro_batches,
     progress_bar,
@@ -75,15 +77,22 @@ def sft(
                 return -logps.float().sum() / tokens
 
             chunks = micro_batches(batch, cfg.grad_accum, dist_info.world_size, dist_info.rank)
-            total, _ = accumulate_and_step(
+            total, grad_norm = accumulate_and_step(
                 ddp_scorer, pairs, chunks, collate, nll, optimizer,
                 grad_clip=cfg.grad_clip, dist_info=dist_info, device=device, dtype=dtype,
             )  # fmt: skip
             reduced = dist_info.all_reduce(torch.tensor([total], dtype=torch.float64))
             losses.append(float(reduced.cpu()))
+            _check_finite(len(losses), losses[-1], grad_norm)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(nll=f"{losses[-1]:.3f}")
     if bar is not None:
         bar.close()
     return losses
+
+
+def _check_finite(step: int, loss: float, grad_norm: float) -> None:
+    for quantity, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            raise NonFiniteError("sft", step, quantity, detail=f" ({value})")

@@ -48,6 +48,7 @@ from grpo.checkpoint import (
 from grpo.distributed import (
     DistInfo,
     MicroBatch,
+    NonFiniteError,
     accumulate_and_step,
     init_distributed,
     micro_batches,
@@ -305,8 +306,9 @@ class PreferenceTrainer:
 
         Returns the step's statistics: ``loss`` (Σ_i c_i ℓ_i, the minimised objective),
         ``group_loss_sums`` / ``group_counts`` (K,) over all ranks, ``group_estimates`` L̂ (K,),
-        ``weights`` used by this step (K,), ``alpha`` after the update (K,), ``grad_norm`` (NaN
-        without clipping), ``time_s``.
+        ``weights`` used by this step (K,), ``alpha`` after the update (K,), ``grad_norm`` (before
+        clipping), ``time_s``. Raises :class:`~grpo.distributed.NonFiniteError` on a NaN or
+        infinite loss, gradient norm or group weight.
         """
         start = time.perf_counter()
         k, batch_pairs = self.num_groups, int(indices.numel())
@@ -335,8 +337,10 @@ class PreferenceTrainer:
         )  # fmt: skip
         stats = self.dist.all_reduce(stats).cpu()
         sums, counts = stats[:k], stats[k : 2 * k]
+        self._check_step(float(stats[-1]), sums, counts, grad_norm)
         estimates = group_loss_estimates(sums, self.group_sizes, batch_pairs)
         alpha = self.weights.update(estimates)  # α_{t+1} from this whole step's L̂
+        self._check_group_weights(alpha)
         self.step += 1
         return {
             "loss": float(stats[-1]),
@@ -348,6 +352,29 @@ class PreferenceTrainer:
             "grad_norm": grad_norm,
             "time_s": time.perf_counter() - start,
         }
+
+    def _check_step(
+        self, objective: float, sums: torch.Tensor, counts: torch.Tensor, grad_norm: float
+    ) -> None:
+        """Raise on a non-finite loss (naming the groups whose batch loss sum S_g is NaN/inf) or
+        gradient norm (naming the groups in the batch). Values already on the CPU: no sync."""
+        step, names = self.step + 1, self.group_names
+        present = [g for g, n in zip(names, counts.tolist(), strict=True) if n > 0]
+        bad = [g for g, s in zip(names, sums.tolist(), strict=True) if not math.isfinite(s)]
+        if bad or not math.isfinite(objective):
+            detail = f" (batch loss sums {dict(zip(names, sums.tolist(), strict=True))})"
+            raise NonFiniteError("preference", step, "loss", bad or present, detail)
+        if not math.isfinite(grad_norm):
+            detail = f" ({grad_norm}; the batch held these groups)"
+            raise NonFiniteError("preference", step, "gradient norm", present, detail)
+
+    def _check_group_weights(self, alpha: torch.Tensor) -> None:
+        """Raise naming the groups whose α or θ-step weight is NaN/inf after the update."""
+        finite = torch.isfinite(alpha) & torch.isfinite(self.weights.weights)
+        if not bool(finite.all()):
+            bad = [g for g, ok in zip(self.group_names, finite.tolist(), strict=True) if not ok]
+            detail = f" (alpha {alpha.tolist()})"
+            raise NonFiniteError("preference", self.step + 1, "group weight", bad, detail)
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any] | None:

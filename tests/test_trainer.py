@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grpo.config import ConfigError, from_dict
-from grpo.distributed import micro_batches
+from grpo.distributed import NonFiniteError, micro_batches
 from grpo.evaluation import evaluate_pairs
 from grpo.logprobs import SequenceScorer, score_pairs
 from grpo.modeling import load_model, load_pretrained, load_tokenizer
@@ -204,3 +204,90 @@ def test_saved_policy_records_the_group_weights_of_the_kept_step(tmp_path):
     assert info["step"] == kept
     assert result.final_alpha == info["final_alpha"] == logged(8)
     assert result.final_alpha != pytest.approx(result.alpha, abs=1e-3)
+
+
+def _poison_reference(monkeypatch, group: int, at_step: int) -> None:
+    """From the step ``at_step`` (1-based) on, the reference log-probs of ``group``'s pairs are
+    NaN, so those pairs' losses (and the gradient) are NaN."""
+    real = PreferenceTrainer._reference
+
+    def poisoned(self, micro):
+        chosen, rejected = real(self, micro)
+        if self.step + 1 >= at_step:
+            bad = (self.train_groups[micro.index] == group).to(chosen.device)
+            chosen = torch.where(bad, torch.full_like(chosen, math.nan), chosen)
+        return chosen, rejected
+
+    monkeypatch.setattr(PreferenceTrainer, "_reference", poisoned)
+
+
+def test_nan_loss_stops_naming_the_step_and_group(setup, monkeypatch):
+    _, _, _, _, groups, names = setup
+    trainer = make_trainer(setup, method="gr-dpo", batch_size=12)
+    batch = torch.arange(12)
+    present = sorted({names[g] for g in groups[batch].tolist()})
+    assert len(present) > 1  # other groups in the batch must not be named
+    trainer.train_step(batch)
+    _poison_reference(monkeypatch, group=names.index(present[0]), at_step=2)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    alpha = trainer.weights.alpha.clone()
+    with pytest.raises(NonFiniteError, match=rf"preference step 2: non-finite loss in group\(s\) \['{present[0]}'\]") as err:  # fmt: skip
+        trainer.train_step(batch)
+    assert (err.value.step, err.value.quantity, err.value.groups) == (2, "loss", [present[0]])
+    # the NaN gradient was not applied and α did not move
+    for b, p in zip(before, trainer.policy.parameters(), strict=True):
+        assert torch.equal(b, p)
+    assert torch.equal(alpha, trainer.weights.alpha) and trainer.step == 1
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_infinite_gradient_stops_naming_the_batch_groups(setup, grad_clip):
+    _, _, _, _, groups, names = setup
+    trainer = make_trainer(setup, method="dpo", batch_size=8, grad_clip=grad_clip)
+    weight = next(p for p in trainer.policy.parameters() if p.requires_grad)
+    weight.register_hook(lambda grad: torch.full_like(grad, math.inf))  # the loss stays finite
+    batch = torch.arange(8) + 8
+    with pytest.raises(NonFiniteError, match="preference step 1: non-finite gradient norm") as err:
+        trainer.train_step(batch)
+    assert err.value.groups == sorted({names[g] for g in groups[batch].tolist()})
+
+
+def test_nan_group_weight_stops_naming_the_group(setup, monkeypatch):
+    _, _, _, _, _, names = setup
+    trainer = make_trainer(setup, method="gr-dpo", batch_size=8)
+    monkeypatch.setattr(
+        trainer.weights, "update", lambda losses: torch.tensor([0.5, math.nan, 0.5])
+    )
+    with pytest.raises(NonFiniteError, match="step 1: non-finite group weight") as err:
+        trainer.train_step(torch.arange(8))
+    assert err.value.groups == [names[1]]
+
+
+def test_nan_in_sft_stops_naming_the_step(setup):
+    from grpo.distributed import DistInfo
+    from grpo.sft import sft
+
+    _, mcfg, tok, pairs, _, _ = setup
+    model = load_model(mcfg, tok)
+    next(model.parameters()).register_hook(lambda grad: torch.full_like(grad, math.nan))
+    cfg = TrainConfig(sft_epochs=1, sft_batch_size=8, progress=False)
+    with pytest.raises(NonFiniteError, match=r"sft step 1: non-finite gradient norm \(nan\)"):
+        sft(
+            model, pairs, cfg, pad_token_id=tok.pad_token_id, padding_side="right",
+            device=torch.device("cpu"), dtype="float32", dist_info=DistInfo(),
+        )  # fmt: skip
+
+
+def test_nan_during_train_saves_nothing(setup, tmp_path, monkeypatch):
+    df, mcfg, *_ = setup
+    _poison_reference(monkeypatch, group=0, at_step=3)
+    cfg = TrainConfig(
+        method="gr-ipo", batch_size=16, epochs=0, max_steps=5, eval_every=1, checkpoint_every=1,
+        progress=False,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteError, match="preference step 3"):
+        train(df, mcfg, cfg, tmp_path)
+    assert not (tmp_path / "policy").exists() and not (tmp_path / "train_result.json").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-0000001", "step-0000002",
+    ]  # fmt: skip

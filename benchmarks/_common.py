@@ -1,8 +1,10 @@
 """Shared pieces of the benchmarks: settings, the GlobalOpinionQA pairs, a tiny model and
 tokenizer saved once so every trainer starts from the same weights, timing and memory helpers.
 
-Nothing here imports TRL: the TRL side lives in :mod:`benchmarks.throughput` and is imported only
-inside the worker that runs it, so our trainers' peak memory never includes TRL's modules.
+The pairs, the countries, the GPT-2 and its tokenizer are the project's own (``grpo.data``,
+``grpo.modeling``), so the benchmarks measure what the pipeline trains. Nothing here imports
+TRL: the TRL side lives in :mod:`benchmarks.throughput` and is imported only inside the worker
+that runs it, so our trainers' peak memory never includes TRL's modules.
 """
 
 from __future__ import annotations
@@ -21,14 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpo.io import atomic_open
+
 GOQA_DIR_ENV = "GRPO_GOQA_DIR"
-PAPER_COUNTRIES: tuple[str, ...] = (
-    "Nigeria",
-    "Egypt",
-    "India (Current national sample)",
-    "China",
-    "Japan",
-)
 LOG2 = math.log(2.0)
 
 
@@ -38,6 +35,13 @@ def default_goqa_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "globalopinionqa"
+
+
+def paper_countries() -> tuple[str, ...]:
+    """The paper's five countries: the GlobalOpinionQA source's default groups."""
+    from grpo.data.globalopinionqa import GlobalOpinionQAConfig
+
+    return tuple(GlobalOpinionQAConfig().groups)
 
 
 @dataclass
@@ -51,7 +55,7 @@ class BenchSettings:
     vocab_size: int = 4096
     # data
     goqa_dir: str = field(default_factory=lambda: str(default_goqa_dir()))
-    countries: tuple[str, ...] = PAPER_COUNTRIES
+    countries: tuple[str, ...] = field(default_factory=paper_countries)
     max_pairs: int = 0  # 0 = all pairs of the countries (every split)
     max_length: int = 512  # prompt + response tokens; no GlobalOpinionQA pair of ours is longer
     # training
@@ -100,21 +104,18 @@ class BenchSettings:
 def load_goqa_pairs(settings: BenchSettings) -> list[dict[str, str]]:
     """The paper's GlobalOpinionQA pairs (prompt template, argmax chosen, seeded rejected).
 
-    Uses the data engineer's loader, ``grpo.data.globalopinionqa``, on the shared subset and
-    keeps every split (throughput does not care which split a pair belongs to).
+    Uses the project's loader, ``grpo.data.globalopinionqa``, on the shared subset and keeps
+    every split (throughput does not care which split a pair belongs to).
     Returns dicts with ``prompt``, ``chosen``, ``rejected``, ``group``, ``pair_id``.
     """
-    path = Path(settings.goqa_dir) / "goqa_subset.json"
-    try:
-        from grpo.data import globalopinionqa as goqa
+    from grpo.data import globalopinionqa as goqa
 
-        cfg = goqa.GlobalOpinionQAConfig(
-            path=str(path), groups=tuple(settings.countries), seed=settings.seed
-        )
-        table, _ = goqa.build(cfg)
-        rows = table.sort_values("pair_id").to_dict("records")
-    except ImportError:  # the project's loader has not landed: same recipe, written here
-        rows = _fallback_goqa_rows(path, settings.countries, settings.seed)
+    path = Path(settings.goqa_dir) / "goqa_subset.json"
+    cfg = goqa.GlobalOpinionQAConfig(
+        path=str(path), groups=tuple(settings.countries), seed=settings.seed
+    )
+    table, _ = goqa.build(cfg)
+    rows = table.sort_values("pair_id").to_dict("records")
     if settings.max_pairs:
         rows = rows[: settings.max_pairs]
     if not rows:
@@ -122,33 +123,6 @@ def load_goqa_pairs(settings: BenchSettings) -> list[dict[str, str]]:
     return [
         {k: str(r[k]) for k in ("pair_id", "group", "prompt", "chosen", "rejected")} for r in rows
     ]
-
-
-def _fallback_goqa_rows(path: Path, countries: tuple[str, ...], seed: int) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for r in json.loads(path.read_text(encoding="utf-8")):
-        if r["attribute"] not in countries:
-            continue
-        question = r["question"].split("Question: ", 1)[-1].split("\nOptions:", 1)[0].strip()
-        letters = [chr(ord("A") + i) for i in range(len(r["options"]))]
-        options = "\n".join(f"{a}. {o}" for a, o in zip(letters, r["options"], strict=True))
-        dist = r["gold_distribution"]
-        best = max(range(len(dist)), key=dist.__getitem__)
-        other = rng.choice([i for i in range(len(dist)) if i != best])
-        rows.append(
-            {
-                "pair_id": f"{r['id']}-{r['attribute']}",
-                "group": r["attribute"],
-                "prompt": f"Opinion of people in {r['attribute']} on: {question}\n"
-                f"Please select the best response:\n{options}\nAnswer:",
-                "chosen": f" {letters[best]}",
-                "rejected": f" {letters[other]}",
-            }
-        )
-    return sorted(rows, key=lambda x: x["pair_id"])
 
 
 # ----------------------------------------------------------------------------- model
@@ -181,23 +155,25 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-def gpt2_config(settings: BenchSettings, vocab_size: int, n_positions: int):
-    """GPT-2 with every dropout off, so policy = reference at step 0 gives a loss of exactly log 2."""
-    from transformers import GPT2Config
+def gpt2_config(
+    n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_positions: int
+) -> dict[str, Any]:
+    """The project's tiny GPT-2 (``grpo.modeling.TINY_GPT2``) at the benchmark's size, as a
+    ``model.config`` dict, with every dropout off in the saved config too (so any trainer that
+    loads it, TRL included, gets policy = reference at step 0: a loss of exactly log 2)."""
+    from grpo.modeling import TINY_GPT2
 
-    return GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=n_positions,
-        n_embd=settings.n_embd,
-        n_layer=settings.n_layer,
-        n_head=settings.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    return {
+        **TINY_GPT2,
+        "n_layer": n_layer,
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "vocab_size": vocab_size,
+        "n_positions": n_positions,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
 
 
 def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, Any]:
@@ -207,8 +183,7 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
     Responses are stored as the loader gives them (bare letters); :func:`trl_response` turns them
     into the text TRL needs to score exactly the tokens our trainer scores.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    from grpo.modeling import ModelConfig, load_model
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -221,12 +196,10 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
             f"the longest pair has {max(lengths)} tokens > max_length {settings.max_length}; "
             "raise --max-length so no trainer truncates"
         )
-    torch.manual_seed(settings.seed)
-    model = AutoModelForCausalLM.from_config(
-        gpt2_config(
-            settings, max(settings.vocab_size, len(tokenizer)), max(settings.max_length, 64)
-        )
-    )
+    size = (settings.n_layer, settings.n_embd, settings.n_head)
+    vocab, positions = max(settings.vocab_size, len(tokenizer)), max(settings.max_length, 64)
+    model_cfg = ModelConfig(config=gpt2_config(*size, vocab, positions), init_seed=settings.seed)
+    model = load_model(model_cfg, tokenizer)
     model.save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
     _write_jsonl(workdir / "pairs.jsonl", pairs)
@@ -285,25 +258,14 @@ def check_same_tokens(tokenizer, pairs: list[dict[str, str]]) -> list[int]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_open(path, "w") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON to a temp file, then rename (nothing half-written on failure)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- timing and memory

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import median, write_json
+from benchmarks._common import gpt2_config, median
+from grpo.io import write_json
 
 EPILOG = """examples:
   benchmarks/gpu.sh outputs/bench/gpu.json                 # on a CUDA machine, < 8 minutes
@@ -111,23 +112,15 @@ def step_flops(shape: Shape, n_body: int) -> dict[str, float]:
 
 
 def gpt2(shape: Shape, seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """The benchmarks' GPT-2 (:func:`benchmarks._common.gpt2_config`) at ``shape``; token 0 is
+    BOS, EOS and padding (the pairs are random ids, no tokenizer)."""
+    from transformers import AutoConfig, GPT2LMHeadModel
 
-    config = GPT2Config(
-        vocab_size=shape.vocab_size,
-        n_positions=max(1024, shape.seq_len),
-        n_embd=shape.n_embd,
-        n_layer=shape.n_layer,
-        n_head=shape.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    size = (shape.n_layer, shape.n_embd, shape.n_head, shape.vocab_size)
+    config = dict(gpt2_config(*size, max(1024, shape.seq_len)))
+    config.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).float()
+    return GPT2LMHeadModel(AutoConfig.for_model(**config)).float()
 
 
 def body_parameters(model) -> int:
@@ -532,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             if not c["ok"]:
                 print(f"  FAILED: {c}", file=sys.stderr)
         if args.json:
-            write_json(args.json, res)
+            write_json(args.json, res, sort_keys=True)
         return 1
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # what a user's bf16 run would have
@@ -551,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     res["total_s"] = time.perf_counter() - start
     print(format_table(res))
     if args.json:
-        write_json(args.json, res)
+        write_json(args.json, res, sort_keys=True)
         print(f"wrote {args.json}")
     return 0
 

@@ -25,7 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import machine_info, write_json
+from benchmarks._common import machine_info
+from grpo.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_OVERHEAD_S = 20.0
@@ -469,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{kind} run ({KINDS[kind]}):")
         print(format_table(mid))
     if args.json:
-        write_json(args.json, out)
+        write_json(args.json, out, sort_keys=True)
         print(f"wrote {args.json}")
     return 0
 

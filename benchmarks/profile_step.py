@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import BenchSettings, prepare_workdir, set_threads, write_json
+from benchmarks._common import BenchSettings, prepare_workdir, set_threads
+from grpo.io import write_json
 
 EPILOG = """examples:
   python -m benchmarks.profile_step --trainer grdpo
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     res = profile(args.trainer, s, args.steps, args.rows)
     print(format_table(res))
     if args.json:
-        write_json(args.json, res)
+        write_json(args.json, res, sort_keys=True)
     return 0
 
 

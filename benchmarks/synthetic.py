@@ -18,7 +18,8 @@ import resource
 import sys
 import time
 
-from benchmarks._common import machine_info, median, write_json
+from benchmarks._common import machine_info, median
+from grpo.io import write_json
 
 
 def _cpu_seconds() -> float:
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg_during": [min(loads), max(loads)],
                 "machine": info,
             },
+            sort_keys=True,
         )
     return 0
 

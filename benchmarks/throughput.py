@@ -36,8 +36,8 @@ from benchmarks._common import (
     trl_config,
     trl_dataset,
     window_rates,
-    write_json,
 )
+from grpo.io import write_json
 
 TRAINERS = ("trl", "dpo", "grdpo")
 LABELS = {"trl": "TRL DPOTrainer", "dpo": "ours, DPO", "grdpo": "ours, GR-DPO"}
@@ -169,7 +169,7 @@ def worker_main(name: str, workdir: Path, out: Path) -> int:
         result = run_ours(workdir, settings, "dpo" if name == "dpo" else "gr-dpo")
     else:
         raise ValueError(f"unknown trainer {name!r}; expected one of {TRAINERS}")
-    write_json(out, result)
+    write_json(out, result, sort_keys=True)
     return 0
 
 
@@ -360,7 +360,7 @@ def benchmark(
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
         wd = Path(workdir) if workdir else Path(tmp)
         facts = prepare_workdir(settings, wd)
-        write_json(wd / "settings.json", settings.to_json())
+        write_json(wd / "settings.json", settings.to_json(), sort_keys=True)
         runs: dict[str, list[dict[str, Any]]] = {n: [] for n in trainers}
         for rep in range(repeats):
             # rotate the order so no trainer always runs first (or right after another one)
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = benchmark(settings, trainers, repeats=args.repeats)
     print(format_table(summary))
     if args.json:
-        write_json(args.json, summary)
+        write_json(args.json, summary, sort_keys=True)
         print(f"wrote {args.json}")
     return 0 if summary["first_step_losses_agree"] and summary["same_reference_logps"] else 1
 

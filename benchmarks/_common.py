@@ -128,33 +128,6 @@ def load_goqa_pairs(settings: BenchSettings) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- model
 
 
-def build_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE trained on ``texts`` (offline, ~0.1 s), as a transformers fast tokenizer.
-
-    ``<|endoftext|>`` is both EOS and padding, as in GPT-2.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-
-
 def gpt2_config(
     n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_positions: int
 ) -> dict[str, Any]:
@@ -183,13 +156,13 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
     Responses are stored as the loader gives them (bare letters); :func:`trl_response` turns them
     into the text TRL needs to score exactly the tokens our trainer scores.
     """
-    from grpo.modeling import ModelConfig, load_model
+    from grpo.modeling import ModelConfig, load_model, train_tokenizer
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pairs = load_goqa_pairs(settings)
     texts = [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs]
-    tokenizer = build_tokenizer(texts, settings.vocab_size)
+    tokenizer = train_tokenizer(texts, settings.vocab_size)  # the pipeline's offline BPE
     lengths = check_same_tokens(tokenizer, pairs)
     if max(lengths) > settings.max_length:
         raise ValueError(

@@ -227,3 +227,42 @@ def test_promote_rechecks_the_gate(store, tiny_model_dir):
     assert out["previous_champion"] == "2" and "--force" in out["reason"]
     assert aliases()["champion"] == "1"
     assert promote("m", "2", cfg)["gate"] == "passed" and aliases()["champion"] == "2"
+
+
+def test_run_record_params_data_tags_and_failure(store, tmp_path):
+    """open_run / record_data / close_run: what both pipelines write, checked tag by tag."""
+    from tasks import tracking
+
+    resolved = {"train": {"method": "gr-ipo", "beta": 0.01}, "data": {"source": "generated"}}
+    run = tracking.open_run(tmp_path, "test", resolved, pipeline="dvc")
+    assert run["experiment_id"] == store
+    data = {"md5": "abc.dir", "sha256": "f" * 64, "git_rev": None, "source": "generated",
+            "rows": 360, "groups": ["Northland", "Island"], "path": "/elsewhere"}  # fmt: skip
+    tracking.record_data(run["run_id"], data)
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    failure = {"stage": "validate", "error": "2 expectations failed", "report_path": str(report)}
+    tracking.close_run(run["run_id"], "FAILED", failure)
+
+    got = tracking.client().get_run(run["run_id"])
+    assert got.info.status == "FAILED"
+    assert got.data.params == {
+        "train.method": "gr-ipo",
+        "train.beta": "0.01",
+        "data.source": "generated",
+    }
+    tags = {k: v for k, v in got.data.tags.items() if not k.startswith("mlflow.")}
+    # data.git_rev was None (not a git work tree): no tag
+    assert tags == {
+        "train.method": "gr-ipo",
+        "pipeline": "dvc",
+        "data.md5": "abc.dir",
+        "data.sha256": "f" * 64,
+        "data.source": "generated",
+        "data.rows": "360",
+        "data.groups": "Northland,Island",
+        "pipeline.failed_stage": "validate",
+        "pipeline.error": "2 expectations failed",
+    }
+    artifacts = [a.path for a in tracking.client().list_artifacts(run["run_id"], "validation")]
+    assert artifacts == ["validation/report.json"]

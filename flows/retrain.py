@@ -26,7 +26,8 @@ CACHED = (INPUTS - "run_id") + TASK_SOURCE
 
 
 TRAINING_CODE = (
-    "config.py", "groups.py", "losses.py", "logprobs.py", "modeling.py", "trainer.py", "evaluation.py",
+    "config.py", "groups.py", "losses.py", "logprobs.py", "modeling.py", "trainer.py", "sft.py",
+    "distributed.py", "checkpoint.py", "evaluation.py",
 )  # fmt: skip
 
 

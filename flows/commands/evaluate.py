@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--split", default="test", help="split to evaluate, or 'all' (default: %(default)s)"
     )
-    parser.add_argument("--loss", choices=("dpo", "ipo"), help="default: as trained")
+    parser.add_argument(
+        "--loss", help="a loss of grpo.losses.LOSS_KINDS: dpo, ipo (default: as trained)"
+    )
     parser.add_argument("--beta", type=float, help="default: as trained")
     parser.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
@@ -48,9 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from grpo.data import DataFormatError, read_pairs
     from grpo.evaluation import evaluate_pairs, flatten_metrics, format_table
+    from grpo.losses import LOSS_KINDS
     from grpo.modeling import load_pretrained
 
     try:
+        if args.loss is not None and args.loss not in LOSS_KINDS:
+            raise ValueError(f"--loss {args.loss!r}: one of {list(LOSS_KINDS)}")
         pairs = read_pairs(args.data)
         if args.split != "all":
             if "split" not in pairs.columns:

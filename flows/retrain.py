@@ -229,12 +229,6 @@ def summarize(
     metric: str,
 ) -> dict[str, Any]:
     """The run summary printed by ``grpo run`` and written by ``--json`` (plain JSON types)."""
-    from grpo import metric_names
-    from tasks.evaluate import per_group_rows
-
-    metrics = evaluation["metrics"]
-    rows = per_group_rows(metrics)
-    worst = min(rows, key=lambda r: r.get(metric, float("inf")))["group"] if rows else None
     uri = tracking["tracking_uri"]
     return {
         "run_id": tracking["run_id"],
@@ -250,19 +244,7 @@ def summarize(
             "cached": trained.get("logged_to") != tracking["run_id"],
             "final_group_weights": dict(zip(trained["groups"], trained["weights"], strict=False)),
         },
-        "evaluation": {
-            "split": evaluation["split"],
-            "pairs": evaluation["pairs"],
-            "per_group": rows,
-            "overall": metric_names.of_kind(metrics, "overall"),
-            "worst_group": {
-                "metric": metric,
-                "group": worst,
-                "value": metrics.get(metric_names.worst_group(metric)),
-                "gap": metrics.get(metric_names.group_gap(metric)),
-            },
-            "metrics_path": evaluation["metrics_path"],
-        },
+        "evaluation": evaluation_summary(evaluation, metric),
         "gate": {k: decision[k] for k in ("decision", "reason", "metric", "value", "threshold")},
         "registered": {
             "model_name": decision["model_name"],
@@ -278,3 +260,26 @@ def summarize(
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     return f"mlflow ui --backend-store-uri {uri} --port 5000"
+
+
+def evaluation_summary(evaluation: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The per-group table, the overall row and the worst group on ``metric``."""
+    from grpo import metric_names
+    from tasks.evaluate import per_group_rows
+
+    metrics = evaluation["metrics"]
+    rows = per_group_rows(metrics)
+    worst = min(rows, key=lambda r: r.get(metric, float("inf")))["group"] if rows else None
+    return {
+        "split": evaluation["split"],
+        "pairs": evaluation["pairs"],
+        "per_group": rows,
+        "overall": metric_names.of_kind(metrics, "overall"),
+        "worst_group": {
+            "metric": metric,
+            "group": worst,
+            "value": metrics.get(metric_names.worst_group(metric)),
+            "gap": metrics.get(metric_names.group_gap(metric)),
+        },
+        "metrics_path": evaluation["metrics_path"],
+    }

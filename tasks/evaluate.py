@@ -60,19 +60,12 @@ def evaluate(
     Returns ``{"metrics": {flat name: value}, "result": nested dict, "metrics_path",
     "per_group_path", "split", "pairs", "samples": [{"prompt", "completion"}]}``.
     """
-    from grpo.data.schema import read_pairs
     from grpo.evaluation import evaluate_pairs, flatten_metrics
     from grpo.groups import parse_method
     from grpo.modeling import ModelConfig, load_pretrained
 
     model_cfg = model_cfg or ModelConfig()
-
-    frame = read_pairs(pairs_path)
-    frame = frame[frame["split"] == cfg.split].reset_index(drop=True)
-    if frame.empty:
-        raise ValueError(f"{pairs_path}: no pairs with split == {cfg.split!r} to evaluate")
-    if cfg.max_pairs:
-        frame = frame.head(cfg.max_pairs)
+    frame = split_pairs(pairs_path, cfg)
     policy, tokenizer, _ = load_pretrained(model_dir, device=model_cfg.device)
     reference, _, _ = load_pretrained(reference_dir, device=model_cfg.device)
     result = evaluate_pairs(
@@ -98,6 +91,17 @@ def evaluate(
         "samples": samples,
     }
     return save_evaluation(evaluation, out_dir)
+
+
+def split_pairs(pairs_path: str | Path, cfg: EvaluateConfig):
+    """The ``cfg.split`` rows of the pair table (the first ``cfg.max_pairs`` when set)."""
+    from grpo.data.schema import read_pairs
+
+    frame = read_pairs(pairs_path)
+    frame = frame[frame["split"] == cfg.split].reset_index(drop=True)
+    if frame.empty:
+        raise ValueError(f"{pairs_path}: no pairs with split == {cfg.split!r} to evaluate")
+    return frame.head(cfg.max_pairs) if cfg.max_pairs else frame
 
 
 def save_evaluation(evaluation: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:

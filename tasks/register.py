@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from grpo.gate import GATE_METRICS, check_champion, check_gate, worst_group_key
+from grpo.gate import GATE_METRICS, GateDecision, check_champion, check_gate, worst_group_key
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -112,8 +112,17 @@ def register(
     set_tags(run_id, {"gate.decision": gate.decision, "gate.reason": gate.reason})
     if not gate.passed:
         return out
+    return _register_version(run_id, gate, cfg, model_uri, out)
 
+
+def _register_version(
+    run_id: str, gate: GateDecision, cfg: RegisterConfig, model_uri: str, out: dict[str, Any]
+) -> dict[str, Any]:
+    """A new version with alias ``challenger`` (and ``champion`` when it is at least as good as
+    the current one's worst group); decision tags on the version and the run."""
     import mlflow
+
+    from tasks.tracking import set_tags
 
     client = _client()
     previous = champion_version(cfg.model_name)

@@ -102,18 +102,8 @@ def validate(
         "rows": 0,
         "expectations": 0,
     }
-    source_frame = None
     try:
-        if is_opinion_file(path):  # a GlobalOpinionQA file: check its shares and the pairs it gives
-            opinion = GlobalOpinionQAConfig(
-                path=str(path), groups=tuple(groups) if groups else PAPER_COUNTRIES
-            )
-            pairs, source = build_opinion_pairs(opinion)
-            source_frame = source_stats(source)
-            groups = list(opinion.groups)
-            result["built_from_source"] = True
-        else:
-            pairs = read_pairs(path)
+        pairs, source_frame, groups = read_table(path, groups, result)
     except DataFormatError as exc:
         result["failures"] = [
             {"table": "file", "expectation": "readable_canonical_table", "column": None,
@@ -121,25 +111,8 @@ def validate(
         ]  # fmt: skip
         _write_report(result, report_dir, started)
         raise DataValidationError(format_report(result), result) from None
-
-    if groups is None:
-        groups = sorted({g for g in pairs["group"] if isinstance(g, str)})
-        result["groups_from_file"] = True
-    groups = [str(g) for g in groups]
-    result["groups"] = groups
-    result["rows"] = len(pairs)
-
-    if source_path is None and path.name == PAIRS_FILE and (path.parent / SOURCE_FILE).exists():
-        source_path = path.parent / SOURCE_FILE
-    tables = {
-        "pairs": with_derived_columns(pairs),
-        "group_splits": group_split_counts(pairs, groups),
-    }
-    if source_path is not None:
-        source_frame = source_stats(pd.read_parquet(source_path).assign(where=""))
-        result["source_path"] = str(source_path)
-    if source_frame is not None:
-        tables["source"] = source_frame
+    result["groups"], result["rows"] = groups, len(pairs)
+    tables = checked_tables(pairs, groups, path, source_path, source_frame, result)
 
     outcomes = run_suites(tables, groups, cfg, report_dir / "data_docs" if cfg.data_docs else None)
     result["expectations"] = len(outcomes)
@@ -152,6 +125,56 @@ def validate(
     if not result["success"]:
         raise DataValidationError(format_report(result), result)
     return result
+
+
+def read_table(
+    path: Path, groups: list[str] | tuple[str, ...] | None, result: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
+    """(pairs, share statistics of a distributional file or None, the groups to check).
+
+    A GlobalOpinionQA file is checked through the pairs ``grpo ingest`` would build from it
+    (default: the paper's countries); ``groups=None`` takes the groups found in the table.
+    Notes how the groups were found in ``result``.
+    """
+    source_frame = None
+    if is_opinion_file(path):  # a GlobalOpinionQA file: check its shares and the pairs it gives
+        opinion = GlobalOpinionQAConfig(
+            path=str(path), groups=tuple(groups) if groups else PAPER_COUNTRIES
+        )
+        pairs, source = build_opinion_pairs(opinion)
+        source_frame = source_stats(source)
+        groups = list(opinion.groups)
+        result["built_from_source"] = True
+    else:
+        pairs = read_pairs(path)
+    if groups is None:
+        groups = sorted({g for g in pairs["group"] if isinstance(g, str)})
+        result["groups_from_file"] = True
+    return pairs, source_frame, [str(g) for g in groups]
+
+
+def checked_tables(
+    pairs: pd.DataFrame,
+    groups: list[str],
+    path: Path,
+    source_path: str | Path | None,
+    source_frame: pd.DataFrame | None,
+    result: dict[str, Any],
+) -> dict[str, pd.DataFrame]:
+    """The tables the suites run on: pairs, (group, split) counts and, for distributional
+    sources (``pairs.source.parquet`` beside ``pairs.parquet``), the share statistics."""
+    if source_path is None and path.name == PAIRS_FILE and (path.parent / SOURCE_FILE).exists():
+        source_path = path.parent / SOURCE_FILE
+    tables = {
+        "pairs": with_derived_columns(pairs),
+        "group_splits": group_split_counts(pairs, groups),
+    }
+    if source_path is not None:
+        source_frame = source_stats(pd.read_parquet(source_path).assign(where=""))
+        result["source_path"] = str(source_path)
+    if source_frame is not None:
+        tables["source"] = source_frame
+    return tables
 
 
 # --- derived tables ----------------------------------------------------------------------------

@@ -16,6 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+# The process's umask, read once: a temporary file is created private (0600), so before it takes
+# the destination's place it gets the mode a plain open() would give (0644 under umask 022).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
@@ -37,6 +42,7 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -19,7 +19,7 @@ def log_sweep(
     finished MLflow run: config and hyperparameters as params, the mean worst-group validation
     curve as ``val/worst_group_loss`` by step, converged metrics, and the scenario's PNG.
     Returns the run ids."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Param, RunTag
 
     from grpo.synthetic.runner import SCENARIOS
     from tasks.tracking import client, setup
@@ -46,23 +46,7 @@ def log_sweep(
                     f"config.{k}": v for k, v in config.items() if k not in ("scenarios", "methods")
                 },
             }
-            metrics = [
-                Metric("val/worst_group_loss", float(v), 0, int(step))
-                for step, v in r["worst_group_val_loss_curve"]
-            ]
-            final = {
-                "eval/worst_group/loss": r["worst_group_val_loss"]["mean"],
-                "eval/worst_group/loss_sem": r["worst_group_val_loss"]["sem"],
-                "eval/max_reward_error": r["max_reward_error"]["mean"],
-                "eval/max_reward_error_sem": r["max_reward_error"]["sem"],
-            }
-            for g, w in enumerate(r["final_group_weights"]):
-                final[f"train/group_weight/{g}"] = w
-            for g, e in enumerate(r["group_reward_error"]):
-                final[f"eval/group/{g}/reward_error"] = e["mean"]
-            for g, e in enumerate(r["group_val_loss"]):
-                final[f"eval/group/{g}/loss"] = e["mean"]
-            metrics += [Metric(k, float(v), 0, sc["iterations"]) for k, v in final.items()]
+            metrics = method_metrics(r, sc["iterations"])
             for start in range(0, len(metrics), 500):
                 mlflow_client.log_batch(run_id, metrics=metrics[start : start + 500])
             mlflow_client.log_batch(
@@ -76,3 +60,29 @@ def log_sweep(
             mlflow_client.set_terminated(run_id, "FINISHED")
             run_ids.append(run_id)
     return run_ids
+
+
+def method_metrics(r: dict[str, Any], iterations: int) -> list[Any]:
+    """One method's MLflow metrics: the mean worst-group validation curve by step, then the
+    converged values (worst group, max reward error, per-group values and weights) at the end."""
+    from mlflow.entities import Metric
+
+    from grpo import metric_names as names
+
+    metrics = [
+        Metric(names.VAL_WORST_GROUP_LOSS, float(v), 0, int(step))
+        for step, v in r["worst_group_val_loss_curve"]
+    ]
+    final = {
+        names.worst_group("loss"): r["worst_group_val_loss"]["mean"],
+        names.worst_group("loss_sem"): r["worst_group_val_loss"]["sem"],
+        "eval/max_reward_error": r["max_reward_error"]["mean"],
+        "eval/max_reward_error_sem": r["max_reward_error"]["sem"],
+    }
+    for g, w in enumerate(r["final_group_weights"]):
+        final[names.train_group_weight(str(g))] = w
+    for g, e in enumerate(r["group_reward_error"]):
+        final[names.group_metric(str(g), "reward_error")] = e["mean"]
+    for g, e in enumerate(r["group_val_loss"]):
+        final[names.group_metric(str(g), "loss")] = e["mean"]
+    return metrics + [Metric(k, float(v), 0, iterations) for k, v in final.items()]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from grpo.io import atomic_open, write_text
 from grpo.synthetic.runner import METHOD_ORDER, ScenarioResult, SweepResult
 
 LABELS = {
@@ -135,27 +134,9 @@ def plot_scenario(sc: dict[str, Any], path: str | Path) -> None:
     ax.tick_params(labelsize=7)
     fig.suptitle(f"{sc['scenario']} ({sc['seeds']} seeds)", fontsize=10)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png")
     plt.close(fig)
-
-
-def _atomic(path: str | Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_outputs(result: SweepResult, out_dir: str | Path) -> dict[str, Any]:
@@ -174,8 +155,8 @@ def write_outputs(result: SweepResult, out_dir: str | Path) -> dict[str, Any]:
     else:
         body = summary
         for name, sc in scenarios.items():
-            _write_text(out / f"results-{name}.json", json.dumps(sc, indent=1) + "\n")
-    _write_text(out / "results.json", json.dumps(body, indent=1) + "\n")
+            write_text(out / f"results-{name}.json", json.dumps(sc, indent=1) + "\n")
+    write_text(out / "results.json", json.dumps(body, indent=1) + "\n")
     cfg = result.config
     md = (
         f"# Synthetic experiments (Figure 2)\n\n{cfg.seeds} seeds from {cfg.first_seed}, "
@@ -183,7 +164,7 @@ def write_outputs(result: SweepResult, out_dir: str | Path) -> dict[str, Any]:
         "Mean ± standard error over seeds; losses and errors at the last iteration.\n\n"
         + markdown_table(summary)
     )
-    _write_text(out / "results.md", md)
+    write_text(out / "results.md", md)
     for name, sc in scenarios.items():
         plot_scenario(sc, out / f"{name}.png")
     return summary

@@ -6,9 +6,10 @@ The scheme (stable: MLflow stores, DVC metrics files and dashboards depend on it
     eval/worst_group/<metric>          the worst group's value (max for losses, min otherwise)
     eval/overall/<metric>              all evaluated pairs pooled
     eval/group_gap/<metric>            best group's value minus the worst group's
-    train/loss  train/lr  train/eta_alpha  train/step_time_s
+    train/loss  train/lr  train/eta_alpha  train/step_time_s  train/lr_cut
+    train/effective_groups             exp(entropy of α): K when uniform, 1 when one-hot
     train/group_loss/<group>           the step's mean loss of the group's pairs
-    train/group_weight/<group>         the θ-step weight of the group after the step
+    train/group_weight/<group>         the group's weight in the step's θ update
     val/worst_group_loss  val/average_loss  val/group_loss/<group>
 
 Group names may contain ``/``: a per-group name is parsed from both ends (the first two parts
@@ -27,6 +28,7 @@ TRAIN_LR = "train/lr"
 TRAIN_ETA_ALPHA = "train/eta_alpha"
 TRAIN_STEP_TIME = "train/step_time_s"
 TRAIN_LR_CUT = "train/lr_cut"
+TRAIN_EFFECTIVE_GROUPS = "train/effective_groups"
 VAL_WORST_GROUP_LOSS = "val/worst_group_loss"
 VAL_AVERAGE_LOSS = "val/average_loss"
 

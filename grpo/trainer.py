@@ -24,6 +24,7 @@ import copy
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -57,7 +58,10 @@ from grpo.distributed import (
     wrap_ddp,
 )
 from grpo.groups import (
+    COLLAPSE_SHARE,
     GroupWeights,
+    collapse_eta,
+    effective_groups,
     group_counts,
     group_loss_estimates,
     group_sums,
@@ -72,7 +76,7 @@ from grpo.logprobs import (
     encode_pairs,
     split_pairs,
 )
-from grpo.losses import pair_losses, reward_margin
+from grpo.losses import loss_at_zero_margin, pair_losses, reward_margin
 from grpo.modeling import (
     ModelConfig,
     add_lora,
@@ -169,6 +173,7 @@ class TrainResult:
     # α and w after the last step; equal to alpha/weights unless keep_best kept an earlier step
     final_alpha: list[float] = field(default_factory=list)
     final_weights: list[float] = field(default_factory=list)
+    collapse: dict[str, Any] | None = None  # the first step α put > 0.99 on one group, if any
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -261,9 +266,12 @@ class PreferenceTrainer:
         self.train_pairs, self.train_groups = train_pairs, train_groups.long()
         self.group_names = list(group_names)
         self.group_sizes = group_sizes(self.train_groups, self.group_names)
+        # η_α is divided by the loss at zero margin (log 2, or 1/(4β²) for IPO): one meaning of
+        # η_α for every method and β (grpo.groups; docs/training.md).
         self.weights = GroupWeights(
-            self.method, self.group_sizes, eta=cfg.eta_alpha, chi=cfg.chi, size_c=cfg.size_c
-        )
+            self.method, self.group_sizes, eta=cfg.eta_alpha, chi=cfg.chi, size_c=cfg.size_c,
+            loss_scale=loss_at_zero_margin(self.method.loss, cfg.beta),
+        )  # fmt: skip
         self.reference_logps = reference_logps
         self.reference_scorer = None  # online reference: a frozen copy scores each micro-batch
         if reference_model is not None:
@@ -306,13 +314,14 @@ class PreferenceTrainer:
 
         Returns the step's statistics: ``loss`` (Σ_i c_i ℓ_i, the minimised objective),
         ``group_loss_sums`` / ``group_counts`` (K,) over all ranks, ``group_estimates`` L̂ (K,),
-        ``weights`` used by this step (K,), ``alpha`` after the update (K,), ``grad_norm`` (before
+        ``weights`` and ``alpha_used`` by this step's θ update (K,), ``alpha`` after the α update
+        (K,, used by the next step), ``grad_norm`` (before
         clipping), ``time_s``. Raises :class:`~grpo.distributed.NonFiniteError` on a NaN or
         infinite loss, gradient norm or group weight.
         """
         start = time.perf_counter()
         k, batch_pairs = self.num_groups, int(indices.numel())
-        weights = self.weights.weights  # w(α_t): the θ step uses the current weights
+        alpha_used, weights = self.weights.alpha, self.weights.weights  # the θ step uses α_t
         stats = torch.zeros(2 * k + 1, dtype=torch.float64)  # [S_g, n_g, objective]
 
         def weighted_loss(micro: MicroBatch, logps: torch.Tensor) -> torch.Tensor:
@@ -348,6 +357,7 @@ class PreferenceTrainer:
             "group_counts": counts,
             "group_estimates": estimates,
             "weights": weights,
+            "alpha_used": alpha_used,
             "alpha": alpha.clone(),
             "grad_norm": grad_norm,
             "time_s": time.perf_counter() - start,
@@ -434,8 +444,11 @@ class LoopState:
     permutation: torch.Tensor | None = None  # the current epoch's data order (None: draw anew)
     best_value: float = math.inf  # best monitored validation value so far
     best_metrics: dict[str, Any] = field(default_factory=dict)  # its step and validation losses
-    best_alpha: list[float] | None = None  # α and w after the best step (kept with keep_best)
+    best_alpha: list[float] | None = None  # α and w the best step's θ update used (keep_best)
     best_weights: list[float] | None = None
+    last_alpha: list[float] | None = None  # α and w the last θ update used
+    last_weights: list[float] | None = None
+    collapse: dict[str, Any] | None = None  # the first step α put > 0.99 on one group
     bad_evals: int = 0  # validations since the best one
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per step
@@ -565,7 +578,13 @@ def _loop(
             state.generator_state = generator.get_state()
         out = trainer.train_step(state.permutation[state.position * b : (state.position + 1) * b])
         epoch_end = state.advance(steps_per_epoch)
+        state.last_alpha = [float(x) for x in out["alpha_used"]]
+        state.last_weights = [float(x) for x in out["weights"]]
         step, metrics = trainer.step, _step_metrics(trainer, out)
+        # A collapsed α (one group > 0.99) trains on that group alone: say so once, with an η_α
+        # that would have kept the weights spread.
+        if state.collapse is None and trainer.weights.collapsed() is not None:
+            state.collapse = _collapse_warning(trainer)
         # Validation every eval_every steps (0: at each epoch's end) and after the last step:
         # it selects the kept policy, drives the LR schedule and early stopping.
         every = step % cfg.eval_every == 0 if cfg.eval_every else epoch_end
@@ -587,15 +606,19 @@ def _loop(
 
 
 def _step_metrics(trainer: PreferenceTrainer, out: dict[str, Any]) -> dict[str, float]:
-    """The step's loss, LR, η_α and time, each group's batch mean loss and new weight."""
+    """The step's loss, LR, η_α and time, each group's batch mean loss and the weight its θ
+    update used, and the effective number of groups: exp(entropy) of α (GR-*) or of the fixed
+    weights (the other methods, whose α never moves)."""
     counts = out["group_counts"]
     batch_means = out["group_loss_sums"] / counts.clamp_min(1)
-    weights = trainer.weights.weights
+    weights = out["weights"]
+    spread = out["alpha_used"] if trainer.method.robust else weights
     metrics: dict[str, float] = {
         metric_names.TRAIN_LOSS: out["loss"],
         metric_names.TRAIN_LR: trainer.optimizer.param_groups[0]["lr"],
         metric_names.TRAIN_ETA_ALPHA: trainer.weights.eta,
         metric_names.TRAIN_STEP_TIME: out["time_s"],
+        metric_names.TRAIN_EFFECTIVE_GROUPS: effective_groups(spread),
     }
     for i, g in enumerate(trainer.group_names):
         if counts[i] > 0:  # a group absent from the batch has no batch loss
@@ -626,8 +649,7 @@ def _validate(trainer: PreferenceTrainer, state: LoopState, best_file: Path) -> 
             metric_names.VAL_AVERAGE_LOSS: val["average_loss"],
             "worst_group": val["worst_group"],
         }
-        state.best_alpha = [float(x) for x in trainer.weights.alpha]
-        state.best_weights = [float(x) for x in trainer.weights.weights]
+        state.best_alpha, state.best_weights = state.last_alpha, state.last_weights
         if cfg.keep_best and trainer.dist.main:
             save_trainable(trainer.policy, best_file)
     else:
@@ -637,6 +659,31 @@ def _validate(trainer: PreferenceTrainer, state: LoopState, best_file: Path) -> 
     if cfg.early_stop_patience and state.bad_evals >= cfg.early_stop_patience:
         state.stopped_early = True
     return metrics
+
+
+def _collapse_warning(trainer: PreferenceTrainer) -> dict[str, Any]:
+    """Print (rank 0) and return the first collapse of α: step, group, share, suggested η_α."""
+    alpha = trainer.weights.alpha
+    top = int(alpha.argmax())
+    suggestion = collapse_eta(alpha, trainer.weights.eta)
+    info = {
+        "step": trainer.step,
+        "group": trainer.group_names[top],
+        "share": float(alpha[top]),
+        "eta_alpha": trainer.weights.eta,
+        "suggested_eta_alpha": float(f"{suggestion:.2g}"),
+    }
+    info["message"] = (
+        f"warning: after step {info['step']} the group weights are collapsed: "
+        f"alpha({info['group']}) = {info['share']:.4f} > {COLLAPSE_SHARE}, so training follows "
+        f"that group alone; train.eta_alpha={info['suggested_eta_alpha']:g} (now "
+        f"{info['eta_alpha']:g}) would have kept the largest weight at 0.5"
+    )
+    if trainer.dist.main:  # above the progress bar when there is one
+        from tqdm.auto import tqdm
+
+        tqdm.write(info["message"], file=sys.stderr)
+    return info
 
 
 def _show_step(bar, trainer: PreferenceTrainer, out: dict[str, Any]) -> None:
@@ -662,8 +709,10 @@ def _finish(
     """Restore the best validated parameters and their group weights (``keep_best``); save the
     policy with its ``grpo.json`` (what evaluation and serving need) and ``train_result.json``."""
     cfg, best_file = trainer.cfg, out_dir / BEST_POLICY
-    final_alpha = [float(x) for x in trainer.weights.alpha]
-    final_weights = [float(x) for x in trainer.weights.weights]
+    # the α the last θ update used (α after it was never used); a resume with no step left
+    # falls back to the current α
+    final_alpha = state.last_alpha or [float(x) for x in trainer.weights.alpha]
+    final_weights = state.last_weights or [float(x) for x in trainer.weights.weights]
     kept = cfg.keep_best and bool(state.best_metrics) and best_file.exists()
     if kept:
         load_trainable(trainer.policy, best_file, trainer.device)
@@ -679,6 +728,7 @@ def _finish(
         stopped_early=state.stopped_early,
         final_alpha=final_alpha,
         final_weights=final_weights,
+        collapse=state.collapse,
     )
     if trainer.dist.main:
         step = state.best_metrics["step"] if kept else trainer.step

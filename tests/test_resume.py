@@ -4,6 +4,7 @@ uninterrupted run ends (parameters, α, history)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from grpo.trainer import TrainConfig, train
 from tests.trainer_helpers import load_policy_state, small_pairs, tiny_model_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
+# η_α = log 2: a step of exactly η·L̂ in log α (the α step divides by DPO's ℓ₀ = log 2), a
+# trajectory on which the schedule cuts the LR before the kill, so its state is tested too.
 TRAIN = {
-    "method": "gr-dpo", "eta_alpha": 1.0, "batch_size": 8, "grad_accum": 2, "max_steps": 10,
+    "method": "gr-dpo", "eta_alpha": math.log(2.0), "batch_size": 8, "grad_accum": 2, "max_steps": 10,
     "epochs": 0, "eval_every": 3, "checkpoint_every": 4, "sft_epochs": 1, "lr": 1e-2,
     "scheduler_patience": 0, "progress": False,
 }  # fmt: skip

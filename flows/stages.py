@@ -162,11 +162,9 @@ def log_model(run_id: str, trained: dict[str, Any], enabled: bool) -> str | None
     """The policy as an MLflow model (None when ``register.log_model`` is off)."""
     from tasks.tracking import log_model as log
 
-    return (
-        log(run_id, trained["model_dir"], metadata={"method": trained["method"]})
-        if enabled
-        else None
-    )
+    if not enabled:
+        return None
+    return log(run_id, trained["model_dir"], metadata={"method": trained["method"]})
 
 
 def register(
@@ -225,7 +223,8 @@ def stage_register(cfgs: Configs, root: Path) -> dict[str, Any]:
 
     trained = load_result(root / TRAIN_DIR)
     evaluation = load_evaluation(root / EVALUATE_DIR)
-    data = {"git_rev": git_revision(root), **read_json(root / INGEST_JSON)}
+    ingested = root / INGEST_JSON
+    data = {"git_rev": git_revision(root), **(read_json(ingested) if ingested.exists() else {})}
     run = tracking.open_run(root, cfgs.register.experiment, cfgs.resolved(), pipeline="dvc")
     try:
         tracking.record_data(run["run_id"], data)

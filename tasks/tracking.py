@@ -267,9 +267,7 @@ def record_results(
 ) -> None:
     """Training history (unless streamed already), evaluation, table, plots, samples, and the
     ``train.steps`` / ``eval.split`` tags."""
-    log_results(
-        run_id, trained["history"], evaluation, metric, include_history=not history_logged
-    )
+    log_results(run_id, trained["history"], evaluation, metric, include_history=not history_logged)
     set_tags(run_id, {"train.steps": trained["steps"], "eval.split": evaluation["split"]})
 
 

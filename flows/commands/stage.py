@@ -12,8 +12,7 @@ import json
 import sys
 
 from flows.commands import add_params_arguments, first_line, prepare, quiet_loggers
-
-STAGES = ("ingest", "validate", "train", "evaluate", "register")
+from flows.stages import STAGES
 
 DESCRIPTION = """\
 Run one stage of the pipeline on files: what dvc.yaml's stages call, with the same stage

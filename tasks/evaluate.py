@@ -30,7 +30,8 @@ class EvaluateConfig:
     split: str = "test"  # which split of the pair table to evaluate on
     batch_size: int = 32  # pairs per forward pass
     max_pairs: int = 0  # evaluate at most this many pairs (0 = all)
-    samples: int = 2  # greedy completions of test prompts logged as a smoke test (0 = none)
+    samples: int = 2  # pairs per group whose options are scored (grpo.samples; 0 = none)
+    generate: bool = False  # also a greedy completion of each sample's prompt (real models)
     max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
@@ -58,31 +59,35 @@ def evaluate(
     ``beta`` and ``method`` (its DPO or IPO loss) are the training run's; ``model_cfg``
     (``grpo.modeling.ModelConfig``) gives the device and the truncation lengths.
     Returns ``{"metrics": {flat name: value}, "result": nested dict, "metrics_path",
-    "per_group_path", "split", "pairs", "samples": [{"prompt", "completion"}]}``.
+    "per_group_path", "split", "pairs", "samples"}``; ``samples``: scored options of
+    ``cfg.samples`` pairs per group (``grpo.samples.score_samples``).
     """
     from grpo.evaluation import evaluate_pairs, flatten_metrics
     from grpo.groups import parse_method
     from grpo.modeling import ModelConfig, load_pretrained
+    from grpo.samples import score_samples
 
     model_cfg = model_cfg or ModelConfig()
     frame = split_pairs(pairs_path, cfg)
     policy, tokenizer, _ = load_pretrained(model_dir, device=model_cfg.device)
     reference, _, _ = load_pretrained(reference_dir, device=model_cfg.device)
-    result = evaluate_pairs(
-        policy,
-        reference,
-        tokenizer,
-        frame,
-        loss=parse_method(method).loss,
-        beta=beta,
-        batch_size=cfg.batch_size,
-        max_prompt_tokens=model_cfg.max_prompt_tokens,
-        max_response_tokens=model_cfg.max_response_tokens,
-        padding_side=model_cfg.padding_side,
-        device=next(policy.parameters()).device,
-    )
+    scoring = {
+        "batch_size": cfg.batch_size,
+        "max_prompt_tokens": model_cfg.max_prompt_tokens,
+        "max_response_tokens": model_cfg.max_response_tokens,
+        "padding_side": model_cfg.padding_side,
+        "device": next(policy.parameters()).device,
+    }
+    loss = parse_method(method).loss
+    result = evaluate_pairs(policy, reference, tokenizer, frame, loss=loss, beta=beta, **scoring)
     metrics = flatten_metrics(result, prefix="eval")
-    samples = generate_samples(policy, tokenizer, frame["prompt"].head(cfg.samples).tolist(), cfg)
+    samples = score_samples(
+        policy, reference, tokenizer, frame, per_group=cfg.samples, beta=beta, **scoring
+    )
+    if cfg.generate:  # a real model's own answers, beside the scores
+        prompts = [s["prompt"] for s in samples]
+        for s, g in zip(samples, generate_samples(policy, tokenizer, prompts, cfg), strict=True):
+            s["completion"] = g["completion"]
     evaluation = {
         "metrics": metrics,
         "result": result,

@@ -92,6 +92,7 @@ LogFn = Callable[[dict[str, float], int], None]
 REFERENCE_MODES = ("precomputed", "online")
 BEST_POLICY = "best_policy.safetensors"
 RESULT_FILE = "train_result.json"
+LOGPS_DIR = "logps"  # a shared reference's cached log-probs, one file per set of pairs
 
 
 @dataclass
@@ -483,6 +484,7 @@ def train(
     *,
     log_fn: LogFn | None = None,
     resume: bool = True,
+    reference_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train a policy on the ``train`` split of the canonical table, validating on ``validation``.
 
@@ -490,6 +492,12 @@ def train(
     (the result), ``checkpoints/step-*``, ``best_policy.safetensors`` and ``train_result.json``.
     With ``resume`` and a checkpoint in ``out_dir``, continues exactly where it left off.
     Under ``torchrun`` every rank calls this; rank 0 writes files and calls ``log_fn``.
+
+    ``reference_dir``: a reference saved by :func:`prepare_reference` (model, tokenizer and
+    ``grpo.json``). Training then starts from it with its tokenizer, skips SFT and writes no
+    ``tokenizer/`` or ``reference/``; the reference log-probs of the training and validation
+    pairs are read from (or, the first time, scored into) ``reference_dir/logps/``, so several
+    methods trained from one reference score it once (:func:`reference_logps`).
     """
     check_pairs(pairs)
     train_df = pairs[pairs["split"] == "train"].reset_index(drop=True)
@@ -504,10 +512,49 @@ def train(
         return _train(
             train_df, val_df, model_cfg, train_cfg, Path(out_dir),
             log_fn=log_fn, resume=resume, dist_info=dist_info, device=device,
+            reference_dir=Path(reference_dir) if reference_dir is not None else None,
         )  # fmt: skip
     finally:
         if dist_info.started_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def prepare_reference(
+    pairs: pd.DataFrame, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path
+) -> Path:
+    """The reference π_ref of several training runs, made once: the tokenizer (the model's own,
+    or a BPE trained on the ``train`` split's texts), the base model, SFT on the chosen responses
+    of the ``train`` split when ``sft_epochs`` > 0, saved to ``out_dir/reference`` with its
+    tokenizer. Pass the returned folder to :func:`train` as ``reference_dir``: every method then
+    starts from the same weights and the same reference log-probs. Only the ``train`` split is
+    read; SFT draws its data order from ``train_cfg.seed``.
+    """
+    check_pairs(pairs)
+    train_df = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    if train_df.empty:
+        raise ValueError("pairs table: no rows with split == 'train'")
+    dist_info = init_distributed(model_cfg.device)
+    device = resolve_device(model_cfg.device)
+    if device.type == "cuda" and dist_info.active:
+        device = torch.device("cuda", dist_info.local_rank)
+    out_dir = Path(out_dir)
+    try:
+        _prepare_out_dir(out_dir, False, dist_info)
+        _seed_everything(train_cfg.seed)
+        tokenizer = _tokenizer(out_dir / "tokenizer", train_df, model_cfg, False, dist_info)
+        common = {
+            "pad_token_id": tokenizer.pad_token_id, "padding_side": model_cfg.padding_side,
+            "device": device, "dtype": model_cfg.dtype,
+        }  # fmt: skip
+        encoded = encode_frame(train_df, tokenizer, model_cfg)
+        _reference_policy(
+            out_dir / "reference", encoded, tokenizer, model_cfg, train_cfg, False, dist_info,
+            common,
+        )  # fmt: skip
+    finally:
+        if dist_info.started_here and dist.is_initialized():
+            dist.destroy_process_group()
+    return out_dir / "reference"
 
 
 def _train(
@@ -521,17 +568,24 @@ def _train(
     resume: bool,
     dist_info: DistInfo,
     device: torch.device,
+    reference_dir: Path | None = None,
 ) -> TrainResult:
     """The stage, set-up first, then :func:`_loop`, then :func:`_finish`."""
     from grpo.config import to_dict
 
     group_names = sorted(str(g) for g in train_df["group"].unique())
     resolved = {"model": to_dict(model_cfg), "train": to_dict(cfg), "groups": group_names}
+    if reference_dir is not None:
+        resolved["reference_dir"] = str(reference_dir)
     # A fresh start clears what an earlier run left in out_dir; a resume keeps it all.
     checkpoints = _prepare_out_dir(out_dir, resume, dist_info)
     _seed_everything(cfg.seed)
-    # The tokenizer is saved once, so a resumed run tokenises exactly as the first one did.
-    tokenizer = _tokenizer(out_dir / "tokenizer", train_df, model_cfg, resume, dist_info)
+    # The tokenizer is saved once, so a resumed run tokenises exactly as the first one did;
+    # a shared reference brings its own.
+    if reference_dir is not None:
+        tokenizer = _saved_tokenizer(reference_dir, model_cfg)
+    else:
+        tokenizer = _tokenizer(out_dir / "tokenizer", train_df, model_cfg, resume, dist_info)
     data = Encoded(
         encode_frame(train_df, tokenizer, model_cfg),
         group_index(train_df, group_names, "train split"),
@@ -542,19 +596,26 @@ def _train(
         "pad_token_id": tokenizer.pad_token_id, "padding_side": model_cfg.padding_side,
         "device": device, "dtype": model_cfg.dtype,
     }  # fmt: skip
-    # The reference π_ref: the SFT model (or the base model), saved for evaluation.
-    model, sft_losses = _reference_policy(
-        out_dir / "reference", data.train_pairs, tokenizer, model_cfg, cfg, resume, dist_info,
-        common,
-    )  # fmt: skip
-    trainer = _preference_trainer(model, data, group_names, model_cfg, cfg, dist_info, common)
+    # The reference π_ref: the SFT model (or the base model), saved for evaluation; or the
+    # shared one, trained once for several methods (its log-probs cached beside it).
+    if reference_dir is not None:
+        model, sft_losses = load_model(model_cfg, tokenizer, path=reference_dir).to(device), []
+    else:
+        model, sft_losses = _reference_policy(
+            out_dir / "reference", data.train_pairs, tokenizer, model_cfg, cfg, resume,
+            dist_info, common,
+        )  # fmt: skip
+    cache = reference_dir / LOGPS_DIR if reference_dir is not None else None
+    trainer = _preference_trainer(
+        model, data, group_names, model_cfg, cfg, dist_info, common, cache=cache
+    )
     state = LoopState(torch.Generator().manual_seed(cfg.seed).get_state(), sft_losses=sft_losses)
     # Resuming: the checkpoint must come from the same config; it restores trainer, loop, RNGs.
     if checkpoints:
         check_resumable(checkpoints[-1], resolved)
         state = LoopState(**load_checkpoint(trainer, checkpoints[-1]))
     _loop(trainer, state, out_dir, resolved, log_fn)
-    return _finish(trainer, state, tokenizer, model_cfg, out_dir)
+    return _finish(trainer, state, tokenizer, model_cfg, out_dir, reference_dir)
 
 
 def _loop(
@@ -705,6 +766,7 @@ def _finish(
     tokenizer,
     model_cfg: ModelConfig,
     out_dir: Path,
+    reference_dir: Path | None = None,
 ) -> TrainResult:
     """Restore the best validated parameters and their group weights (``keep_best``); save the
     policy with its ``grpo.json`` (what evaluation and serving need) and ``train_result.json``."""
@@ -718,7 +780,7 @@ def _finish(
         load_trainable(trainer.policy, best_file, trainer.device)
     result = TrainResult(
         model_dir=out_dir / "policy",
-        reference_dir=out_dir / "reference",
+        reference_dir=reference_dir if reference_dir is not None else out_dir / "reference",
         groups=trainer.group_names,
         alpha=state.best_alpha if kept and state.best_alpha is not None else final_alpha,
         weights=state.best_weights if kept and state.best_weights is not None else final_weights,
@@ -805,6 +867,69 @@ def _tokenizer(
     return tokenizer
 
 
+def _saved_tokenizer(folder: Path, model_cfg: ModelConfig):
+    """The tokenizer saved with a model in ``folder`` (a shared reference), padded as configured."""
+    tok_cfg = copy.copy(model_cfg)
+    tok_cfg.tokenizer = str(folder)
+    return load_tokenizer(tok_cfg)
+
+
+def pairs_digest(pairs: EncodedPairs, *extra: str) -> str:
+    """sha256 (first 16 hex digits) of the token ids of ``pairs`` and ``extra`` strings: the key
+    of their cached reference log-probs (same ids, same reference, same scores)."""
+    import hashlib
+    import json
+
+    payload = json.dumps([pairs.prompt, pairs.chosen, pairs.rejected, list(extra)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def reference_logps(
+    model: nn.Module,
+    pairs: EncodedPairs,
+    cfg: TrainConfig,
+    *,
+    cache: Path | None,
+    dist_info: DistInfo,
+    pad_token_id: int,
+    padding_side: str,
+    device: torch.device,
+    dtype: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_ref(y_w|x), log π_ref(y_l|x) (N,) of ``pairs`` under ``model``: read from
+    ``cache/<digest>.safetensors`` when there (the digest covers the token ids, the device type
+    and the dtype), else scored (:func:`_score_reference`) and, with a ``cache``, written there
+    by rank 0 for the next method that trains from the same reference."""
+    from safetensors.torch import load_file, save_file
+
+    common = {"pad_token_id": pad_token_id, "padding_side": padding_side, "device": device}
+    file = None
+    if cache is not None:
+        file = cache / f"{pairs_digest(pairs, device.type, dtype)}.safetensors"
+        if file.exists():
+            stored = load_file(str(file))
+            return stored["chosen"], stored["rejected"]
+    chosen, rejected = _score_reference(model, pairs, cfg, dist_info, dtype=dtype, **common)
+    if file is not None and dist_info.main:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp")
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
+        tmp.replace(file)
+    dist_info.barrier()
+    return chosen, rejected
+
+
+def _score_reference(
+    model: nn.Module, pairs: EncodedPairs, cfg: TrainConfig, dist_info: DistInfo, **common: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score ``pairs`` with the reference ``model`` (sharded over ranks)."""
+    scorer = SequenceScorer(model, cfg.fast_logprobs, cfg.shared_prompt)
+    scorer = scorer.to(common["device"]).eval()
+    return score_sharded(
+        scorer, pairs, batch_size=cfg.eval_batch_size, dist_info=dist_info, **common
+    )
+
+
 def _reference_policy(
     ref_dir: Path,
     train_pairs: EncodedPairs,
@@ -841,17 +966,15 @@ def _preference_trainer(
     cfg: TrainConfig,
     dist_info: DistInfo,
     common: dict[str, Any],
+    cache: Path | None = None,
 ) -> PreferenceTrainer:
     """The trainer on a copy of π_ref (LoRA adapters on it when configured). The reference
     log-probs are scored once here (``precomputed``), or by a frozen copy at every step
-    (``online``); the validation pairs' are always scored once."""
+    (``online``); the validation pairs' are always scored once. With ``cache`` (a shared
+    reference's ``logps/`` folder) scores already there are read instead of computed."""
 
     def score(pairs: EncodedPairs) -> tuple[torch.Tensor, torch.Tensor]:
-        scorer = SequenceScorer(model, cfg.fast_logprobs, cfg.shared_prompt)
-        scorer = scorer.to(common["device"]).eval()
-        return score_sharded(
-            scorer, pairs, batch_size=cfg.eval_batch_size, dist_info=dist_info, **common
-        )
+        return reference_logps(model, pairs, cfg, cache=cache, dist_info=dist_info, **common)
 
     reference_model = ref_train = ref_val = None
     if cfg.reference == "precomputed":

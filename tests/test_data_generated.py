@@ -29,8 +29,8 @@ def test_allocate_by_hand():
 def test_sizes_per_group_and_split(table):
     assert list(table.columns) == list(COLUMNS)
     counts = table.groupby(["group", "split"]).size().to_dict()
-    # 1600 × (0.45, 0.40, 0.15) = 720, 640, 240; each × (0.7, 0.15, 0.15)
-    expected = {"Northland": (504, 108, 108), "Southland": (448, 96, 96), "Island": (168, 36, 36)}
+    # 2000 × (0.45, 0.40, 0.15) = 900, 800, 300; each × (0.6, 0.2, 0.2)
+    expected = {"Northland": (540, 180, 180), "Southland": (480, 160, 160), "Island": (180, 60, 60)}
     for group, sizes in expected.items():
         assert tuple(counts[(group, s)] for s in ("train", "validation", "test")) == sizes
 
@@ -94,7 +94,7 @@ def test_a_group_blind_fit_serves_the_majority_only(table):
     """The best group-blind answer per (topic, framing), fitted on the pooled training pairs,
     is right for the two majority groups and wrong for most minority pairs; conditioning on the
     group fixes it. This is the situation GR-DPO is for."""
-    assert len(TOPICS) * len(FRAMINGS) == 96
+    assert len(TOPICS) * len(FRAMINGS) == 96  # 48 without the negated framings
     frame = table.assign(key=table["prompt"].map(_blind_key))
     train, test = frame[frame.split == "train"], frame[frame.split != "train"]
     pooled = train.groupby("key")["chosen"].agg(lambda s: s.value_counts().index[0])
@@ -106,7 +106,7 @@ def test_a_group_blind_fit_serves_the_majority_only(table):
     )
     seen = aware.notna()
     assert blind["Northland"] > 0.95 and blind["Southland"] > 0.95
-    assert blind["Island"] < 0.4  # the minority agrees on 25% of the topics only
+    assert blind["Island"] < 0.6  # the minority agrees on half of the topics only
     assert (aware[seen] == test["chosen"][seen]).all()  # the group's own view is consistent
     assert seen.groupby(test["group"]).mean().min() > 0.7
 
@@ -127,7 +127,7 @@ def test_noise_swaps_about_that_share_of_pairs():
     clean, noisy = generate(GeneratedConfig()), generate(GeneratedConfig(noise=0.1))
     swapped = (clean["chosen"] == noisy["rejected"]) & (clean["rejected"] == noisy["chosen"])
     assert (swapped | (clean["chosen"] == noisy["chosen"])).all()
-    assert 0.07 < swapped.mean() < 0.13  # 1600 draws: sd of the share ≈ 0.0075
+    assert 0.07 < swapped.mean() < 0.13  # 2000 draws: sd of the share ≈ 0.0067
 
 
 def test_minority_is_the_small_share_or_the_last_group():
@@ -154,3 +154,19 @@ def test_bad_settings_are_named(kwargs, message):
 def test_too_many_pairs_for_the_question_bank():
     with pytest.raises(ValueError, match="distinct questions"):
         generate(GeneratedConfig(n_pairs=10_000))
+
+
+def test_framings_and_the_group_blind_prompt():
+    """Without negated framings every question's agreeing answer is the pro-topic one; with them
+    half the framings are negated. A group-blind prompt never names a group."""
+    negated = ("government reduce", "be banned", "a waste of money")  # FRAMINGS with polarity −1
+    assert len(negated) == sum(polarity < 0 for _, polarity in FRAMINGS)
+    plain = generate(GeneratedConfig())
+    assert not any(w in p for p in plain["prompt"] for w in negated)
+    old = generate(GeneratedConfig(negated_framings=True, n_pairs=1600, splits=(0.7, 0.15, 0.15)))
+    assert all(any(w in p for p in old["prompt"]) for w in negated)
+    blind = generate(GeneratedConfig(group_in_prompt=False))
+    assert all(p.startswith("Question: ") for p in blind["prompt"])
+    assert not any(g in p for g in ("Northland", "Southland", "Island") for p in blind["prompt"])
+    # the same pairs otherwise: only the prompt's first line differs
+    assert (blind["chosen"] == plain["chosen"]).all() and (blind["split"] == plain["split"]).all()

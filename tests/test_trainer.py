@@ -142,6 +142,16 @@ def test_lr_cut_halves_eta_alpha(setup):
     assert trainer.weights.eta == pytest.approx(0.4)
 
 
+def test_constant_schedule_never_cuts(setup):
+    trainer = make_trainer(
+        setup, method="gr-dpo", eta_alpha=0.8, scheduler_patience=0, lr=1e-3, lr_schedule="constant"
+    )
+    assert not any(trainer.scheduler_step(1.0) for _ in range(5))
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-3 and trainer.weights.eta == 0.8
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
+
+
 def test_train_config_validation():
     with pytest.raises(ValueError, match="unknown method"):
         TrainConfig(method="grpo")

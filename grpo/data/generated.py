@@ -19,6 +19,12 @@ policy fitted to the pooled data (DPO) serves the majority and fails the minorit
   ``Opinion of people in {group} on: {question}\\nPlease select the best response:`` followed by the
   lettered options and ``Answer:``. A group-blind policy can at best give the majority's answer,
   so the minority is served only by attending to the group in the prompt.
+  ``group_in_prompt=False`` drops the group (``Question: {question}``): one policy for everyone.
+- **Framings.** With ``negated_framings`` (the old default) half the framings are negated
+  ("reduce", "ban"): the answer is the topic's stance times the framing's polarity, an
+  interaction the tiny default model never learns (``docs/pipeline.md``, "Why the old default
+  showed nothing"). Without them, a group's answer depends on the topic alone, which the model
+  learns; what it cannot learn within its training budget is every group's view at once.
 - **Difficulty** sets how far apart chosen and rejected are on the scale: 0 → the rejected option
   is the farthest from the chosen one, 1 → an adjacent one. ``noise`` swaps a seeded fraction
   of the pairs (label noise).
@@ -58,6 +64,9 @@ CONTEXTS: tuple[str, ...] = (
     "in the capital", "in small towns", "near the coast", "next year",
     "for young people", "for older people", "for families", "for visitors",
     "near schools", "for workers", "this winter", "in poor areas",
+    "in rural areas", "in big cities", "near airports", "for students",
+    "for farmers", "next summer", "in the old town", "near hospitals",
+    "for commuters", "for children", "after the election", "in new suburbs",
 )  # fmt: skip
 OPTION_LABELS: dict[int, tuple[str, ...]] = {
     2: ("Agree", "Disagree"),
@@ -73,14 +82,16 @@ class GeneratedConfig:
 
     groups: tuple[str, ...] = ("Northland", "Southland", "Island")
     shares: tuple[float, ...] = (0.45, 0.40, 0.15)  # fraction of all pairs per group
-    n_pairs: int = 1600
+    n_pairs: int = 2000
     n_options: int = 4
     difficulty: float = 0.0  # 0: rejected is the farthest option; 1: an adjacent option
-    conflict: float = 0.75  # fraction of topics on which minority groups hold the mirror view
+    conflict: float = 0.5  # fraction of topics on which minority groups hold the mirror view
     dissent: float = 0.0  # same for the other non-first groups (majority groups disagreeing)
     noise: float = 0.0  # fraction of pairs with chosen and rejected swapped
-    splits: tuple[float, ...] = (0.7, 0.15, 0.15)  # train / validation / test, by question
+    splits: tuple[float, ...] = (0.6, 0.2, 0.2)  # train / validation / test, by question
     seed: int = 0
+    group_in_prompt: bool = True  # False: the prompt does not say who is asking
+    negated_framings: bool = False  # True: also "reduce"/"ban" framings (stance × polarity)
 
     def __post_init__(self) -> None:
         self.groups = tuple(str(g) for g in self.groups)
@@ -186,6 +197,8 @@ def generate(cfg: GeneratedConfig | None = None) -> pd.DataFrame:
     cfg = cfg or GeneratedConfig()
     rng = np.random.default_rng(cfg.seed)
     bank = question_bank()
+    if not cfg.negated_framings:
+        bank = bank[bank["polarity"] > 0].reset_index(drop=True)
     bank_rows = list(bank[["question_id", "topic", "polarity", "question"]].itertuples(index=False))
     views = group_views(cfg, rng)
     options = OPTION_LABELS[cfg.n_options]
@@ -214,7 +227,9 @@ def generate(cfg: GeneratedConfig | None = None) -> pd.DataFrame:
                         "pair_id": f"{qid}-{group}",
                         "question_id": qid,
                         "group": group,
-                        "prompt": format_prompt(group, question, options),
+                        "prompt": format_prompt(
+                            group if cfg.group_in_prompt else None, question, options
+                        ),
                         "chosen": LETTERS[chosen],
                         "rejected": LETTERS[rejected],
                         "split": split,

@@ -372,3 +372,48 @@ def test_worker_processes_split_the_seeds_without_changing_numbers():
             torch.testing.assert_close(
                 other.theta[2:], alone.scenarios[name].methods[m].theta, rtol=1e-12, atol=0
             )
+
+
+def test_each_scenario_runs_its_own_iteration_count(monkeypatch):
+    """Scenarios of 7, 12 and 30 iterations swept together give each scenario the numbers of a
+    sweep of it alone (a scenario that finished used to make the others skip a step)."""
+    from dataclasses import replace
+
+    from grpo.synthetic import runner
+    from grpo.synthetic.policy import group_moments
+
+    counts = {"uneven-balanced": 7, "even-imbalanced": 12, "uneven-imbalanced": 30}
+    for name, n in counts.items():
+        monkeypatch.setitem(runner.SCENARIOS, name, replace(runner.SCENARIOS[name], iterations=n))
+    cfg = SyntheticConfig(seeds=2, record_every=5)
+    together = run_sweep(cfg).scenarios
+    # Together, each data set does the same float64 operations on the same shapes as alone; only
+    # the batch of data sets is longer, which can change an elementwise function's last bit (a
+    # vectorised body vs a scalar tail) or a product's blocking. Each step is a sum of at most
+    # N + d terms (γ ≤ (N + d)·u of its size); gradient steps here are non-expansive (η_θβ²/4
+    # · λ_max(Σ_g w_g G_g/N_g) ≤ 0.66 < 2), so the steps' errors add up over T; the IPO closed
+    # form multiplies them by cond(Σ_g c_g G_g) ≤ max_g cond(G_g) (G_g = Σ_{i∈g} Δφ_iΔφ_iᵀ).
+    u64, t_max = 2.0**-53, max(counts.values())
+    cond = 1.0
+    for name in counts:
+        sets = runner._datasets(cfg, runner.SCENARIOS[name], cfg.seed_list)
+        delta = torch.stack([ds.train.delta_phi(cfg.feature_type) for ds in sets])
+        gram, _ = group_moments(delta, torch.stack([ds.train.groups for ds in sets]), 2)
+        cond = max(cond, float(torch.linalg.cond(gram).max()))
+    rtol = t_max * (cfg.train_pairs + delta.shape[-1]) * u64 * cond
+    fields = ("theta", "group_weights", "worst_val_curve", "val_group_loss", "reward_error")
+    for name, n in counts.items():
+        alone = run_sweep(replace(cfg, scenarios=(name,))).scenarios[name]
+        assert together[name].steps == alone.steps == runner.record_steps(n, 5)
+        one_less = run_sweep(replace(cfg, scenarios=(name,), iterations=n - 1)).scenarios[name]
+        skipped = 0.0
+        for m, r in alone.methods.items():
+            for f in fields:
+                want = getattr(r, f)
+                atol = rtol * float(want.abs().max())
+                torch.testing.assert_close(
+                    getattr(together[name].methods[m], f), want, rtol=rtol, atol=atol
+                )
+            skipped = max(skipped, float((one_less.methods[m].theta - r.theta).abs().max()))
+        # one step fewer is far outside the tolerance: the comparison sees a skipped step
+        assert skipped > 1e6 * rtol * float(r.theta.abs().max()), (name, skipped, rtol)

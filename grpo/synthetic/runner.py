@@ -22,7 +22,8 @@ scenario's iteration count), M = methods (columns: DPO fixed-weight, DPO robust,
 fixed-weight), N pairs, d = 4 features, K = 2 groups. Per-run hyperparameters are (S, M, 1)
 tensors; fixed-weight columns keep their weights in α with η_α = 0. When a scenario reaches its
 iteration count its data sets leave the batch (the tensors are sliced), so no work is spent on
-finished runs.
+finished runs; the others go on with their next step in the same pass, so every scenario runs
+exactly its own iteration count, whichever scenarios share the sweep.
 """
 
 from __future__ import annotations
@@ -346,11 +347,10 @@ def _run_all(
     for seg in segments:
         to_record.update(record_steps(seg.iterations, cfg.record_every))
 
-    start = -1
+    start = pending[0].start
+    v = _Views(state, start, n_dpo, r0, r1, cfg)
     for t in range(total + 1):
-        if start != pending[0].start:
-            start = pending[0].start
-            v = _Views(state, start, n_dpo, r0, r1, cfg)
+        # After t steps: record, then let the segments that are done leave the batch.
         if t in to_record:
             records.append((t, start, val_group_losses(start)))
             tick(t)
@@ -362,8 +362,9 @@ def _run_all(
             }
         if not pending:
             break
-        if pending[0].start != start:
-            continue  # finished data sets leave the batch before the next step
+        if pending[0].start != start:  # the rest take step t + 1 without the finished ones
+            start = pending[0].start
+            v = _Views(state, start, n_dpo, r0, r1, cfg)
         if t == 0:
             v.solve_fixed_ipo()  # fixed weights: one solve gives the optimum
         v.step()

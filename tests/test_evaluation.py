@@ -69,3 +69,48 @@ def test_ipo_loss_and_flat_names():
 def test_no_pairs_is_an_error():
     with pytest.raises(ValueError, match="no pairs"):
         evaluate_logps([], torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0))
+
+
+def test_intervals_per_group_by_hand():
+    res = evaluate_logps(GROUPS, PC, PR, RC, RR, loss="dpo", beta=0.5, confidence=0.95)
+    a, b = res["groups"]["a"], res["groups"]["b"]
+    # a: 1 correct of 3. Wilson, z = 1.959964, z² = 3.841459, z²/n = 1.280486:
+    # centre (1/3 + 0.640243)/2.280486 = 0.426916; half 1.959964·√(2/27 + 0.106707)/2.280486
+    # = 1.959964·0.425184/2.280486 = 0.365424 → (0.061492, 0.792340)
+    assert a["reward_accuracy_ci_low"] == pytest.approx(0.061492, abs=2e-6)
+    assert a["reward_accuracy_ci_high"] == pytest.approx(0.792340, abs=2e-6)
+    # b: 1 of 1: low = 1/(1 + z²) = 0.206543, high 1
+    assert b["reward_accuracy_ci_low"] == pytest.approx(1 / (1 + 3.841459), abs=1e-6)
+    assert b["reward_accuracy_ci_high"] == 1.0
+    assert (
+        res["overall"]["logprob_accuracy_ci_low"] < 0.5 < res["overall"]["logprob_accuracy_ci_high"]
+    )
+    point = evaluate_logps(GROUPS, PC, PR, RC, RR, beta=0.5, confidence=0.0)["groups"]["a"]
+    assert (
+        point["reward_accuracy_ci_low"] == point["reward_accuracy_ci_high"] == pytest.approx(1 / 3)
+    )
+    flat = flatten_metrics(res)
+    assert flat["eval/group/a/reward_accuracy_ci_low"] == a["reward_accuracy_ci_low"]
+    assert flat["eval/group/b/logprob_accuracy_ci_high"] == 1.0
+    assert "[0.06, 0.79]" in format_table(res)  # a's reward-accuracy interval
+
+
+def test_per_pair_outcomes_in_row_order():
+    res = evaluate_logps(GROUPS, PC, PR, RC, RR, beta=0.5)
+    assert res["per_pair"] == {"reward_accuracy": [1, 0, 0, 1], "logprob_accuracy": [1, 0, 0, 1]}
+
+
+def test_a_configured_group_without_pairs_is_reported_and_worst():
+    res = evaluate_logps(GROUPS, PC, PR, RC, RR, beta=0.5, expected_groups=["a", "b", "China"])
+    china = res["groups"]["China"]
+    assert china["pairs"] == 0
+    assert all(math.isnan(china[m]) for m in ("loss", "reward_accuracy", "reward_accuracy_ci_low"))
+    # the worst group is unknown: named, with a NaN value, never the worst of the others
+    assert res["worst_group"]["reward_accuracy"]["group"] == "China"
+    assert math.isnan(res["worst_group"]["reward_accuracy"]["value"])
+    assert math.isnan(res["group_gap"]["loss"])
+    assert res["groups"]["a"]["pairs"] == 3 and res["overall"]["pairs"] == 4
+    flat = flatten_metrics(res)
+    assert flat["eval/group/China/pairs"] == 0.0
+    assert math.isnan(flat["eval/worst_group/reward_accuracy"])
+    assert "China" in format_table(res)

@@ -213,6 +213,8 @@ def encode_frame(frame: pd.DataFrame, tokenizer, model_cfg: ModelConfig) -> Enco
         frame["rejected"].tolist(),
         max_prompt_tokens=model_cfg.max_prompt_tokens,
         max_response_tokens=model_cfg.max_response_tokens,
+        groups=frame["group"].astype(str).tolist(),  # a cut prompt must still name its group
+        pair_ids=frame["pair_id"].astype(str).tolist() if "pair_id" in frame.columns else None,
     )
 
 

@@ -8,20 +8,29 @@ Every command goes through here::
     register_cfg = section(params, "register")           # or just one section (cheap imports)
 
 ``load_params``: an absent *default* file (named ``params.yaml``) means the embedded defaults;
-any other missing file is an error. Unknown sections fail, naming the allowed ones. Errors in a
-section name where it came from (``params.yaml:train``); :func:`where` is the one place that
-wording is built. This module imports neither Prefect nor torch: the config classes are imported
-when a section is resolved, so ``grpo audit`` never loads the training stack.
+any other missing file is an error. Unknown sections and keys fail there, before any config class
+is imported (the keys are read from the classes' source): a typo costs a fraction of a second,
+not torch's import. Every error names where the value came from, the ``--set`` that wrote it
+(``--set train.lrr=1``) or the file's section (``params.yaml:train``, built by :func:`where`),
+and an unknown name comes with the closest valid one (``did you mean train.lr?``). This module
+imports neither Prefect nor torch: the config classes are imported when a section is resolved,
+so ``grpo audit`` never loads the training stack.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import importlib
+import re
+import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpo.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from grpo.config import ConfigError, apply_overrides, from_dict, load_yaml, parse_override, to_dict
 
 if TYPE_CHECKING:
     from grpo.data.sources import DataConfig
@@ -84,24 +93,131 @@ def load_params(
     path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """The params file (``None`` or an absent ``params.yaml``: the embedded defaults) with
-    ``section.key=value`` overrides applied; unknown sections raise :class:`ConfigError`."""
+    ``section.key=value`` overrides applied.
+
+    Unknown sections and keys raise :class:`ConfigError` here, before any config class (and so
+    torch) is imported: the message names where the key came from (``--set train.lrr=1`` or
+    ``params.yaml:train``) and the closest valid name.
+    """
     params: dict[str, Any] = {}
+    origin = DEFAULT_FILE
     if path is not None:
         file = Path(path)
+        origin = display_path(file)
         if file.exists():
             params = load_yaml(file)
         elif file.name != DEFAULT_FILE:
             raise ConfigError(f"{path}: no such params file")
-    _check_sections(params, f"{path}")
+    check_keys(params, origin)
     params = apply_overrides(params, list(overrides))
-    _check_sections(params, "--set")
+    check_keys(params, origin, overrides)
     return params
 
 
-def _check_sections(params: dict[str, Any], origin: str) -> None:
-    unknown = sorted(set(params) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{origin}: unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
+def display_path(path: Path) -> str:
+    """``path`` relative to the CWD when inside it (``params.yaml``), else as given."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def check_keys(
+    params: dict[str, Any], origin: str = DEFAULT_FILE, overrides: Sequence[str] = ()
+) -> None:
+    """Raise :class:`ConfigError` for the first unknown section or key (nested source sections
+    such as ``data.generated`` included), naming its origin and the closest valid name."""
+    for name in params:
+        if name not in SECTION_CLASSES:
+            raise ConfigError(
+                f"{origin_of([name], origin, overrides)}: unknown section {name!r}"
+                f"{suggestion(name, SECTIONS)} (sections: {', '.join(SECTIONS)})"
+            )
+        _check_section_keys(params[name], [name], config_fields(name), origin, overrides)
+
+
+def _check_section_keys(
+    values: Any, path: list[str], fields: dict[str, Any], origin: str, overrides: Sequence[str]
+) -> None:
+    if not isinstance(values, dict):
+        return
+    for key, value in values.items():
+        if key not in fields:
+            dotted = ".".join(path)
+            raise ConfigError(
+                f"{origin_of([*path, key], origin, overrides)}: unknown key {key!r} in "
+                f"{dotted}{suggestion(key, fields, prefix=dotted + '.')} ({dotted} takes: "
+                f"{', '.join(sorted(fields))})"
+            )
+        if fields[key] is not None:  # a nested config (a data source's section)
+            nested = {f.name: None for f in dataclasses.fields(fields[key])}
+            _check_section_keys(value, [*path, key], nested, origin, overrides)
+
+
+def origin_of(path: Sequence[str], origin: str, overrides: Sequence[str] = ()) -> str:
+    """Where the value at ``path`` came from: the last ``--set`` that wrote it (or a key inside
+    it), else the params file's section (``params.yaml:train``)."""
+    for text in reversed(overrides):
+        target, _ = parse_override(text)
+        depth = min(len(target), len(path))
+        if target[:depth] == list(path[:depth]):
+            return f"--set {text}"
+    return where(path[0], origin)
+
+
+def suggestion(word: str, names: Iterable[str], prefix: str = "") -> str:
+    """``"; did you mean train.lr?"`` for the closest of ``names`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(str(word), [str(n) for n in names], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+@functools.cache
+def config_fields(name: str) -> dict[str, Any]:
+    """A section's keys → the nested config class of a key that has one (else None).
+
+    Read from the class's source when the module defines it literally, so checking keys never
+    imports the module (``grpo.trainer`` imports torch); a class built at import time
+    (``DataConfig``: one field per registered source) is imported.
+    """
+    module, cls = SECTION_CLASSES[name]
+    literal = literal_fields(module, cls)
+    if literal is not None:
+        return dict.fromkeys(literal)
+    config = getattr(importlib.import_module(module), cls)
+    hints = typing.get_type_hints(config)
+    return {
+        f.name: hints[f.name] if dataclasses.is_dataclass(hints.get(f.name)) else None
+        for f in dataclasses.fields(config)
+    }
+
+
+def literal_fields(module: str, cls: str) -> list[str] | None:
+    """The annotated fields of class ``cls`` (and its bases in the same module) as written in
+    ``module``'s source; None when the module does not define the class in a class statement."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    if cls not in classes:
+        return None
+
+    def fields(node: ast.ClassDef) -> list[str]:
+        inherited = [f for b in node.bases if isinstance(b, ast.Name) and b.id in classes
+                     for f in fields(classes[b.id])]  # fmt: skip
+        own = [
+            stmt.target.id
+            for stmt in node.body
+            if isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and "ClassVar" not in ast.unparse(stmt.annotation)
+        ]
+        return [*inherited, *(f for f in own if f not in inherited)]
+
+    return fields(classes[cls])
 
 
 def where(name: str, origin: str = DEFAULT_FILE) -> str:
@@ -109,21 +225,48 @@ def where(name: str, origin: str = DEFAULT_FILE) -> str:
     return f"{origin}:{name}"
 
 
-def section(params: dict[str, Any], name: str, origin: str = DEFAULT_FILE) -> Any:
-    """The typed config of one section (unknown keys and bad values raise ``ConfigError``)."""
+def section(
+    params: dict[str, Any], name: str, origin: str = DEFAULT_FILE, overrides: Sequence[str] = ()
+) -> Any:
+    """The typed config of one section (unknown keys and bad values raise ``ConfigError``; a bad
+    value set by one of ``overrides`` is blamed on that ``--set``)."""
     if name not in SECTION_CLASSES:
-        raise ConfigError(f"unknown section {name!r}; allowed: {list(SECTIONS)}")
+        raise ConfigError(f"unknown section {name!r}{suggestion(name, SECTIONS)}")
     module, cls = SECTION_CLASSES[name]
     config_class = getattr(importlib.import_module(module), cls)
-    return from_dict(config_class, params.get(name), where=where(name, origin))
+    try:
+        return from_dict(config_class, params.get(name), where=where(name, origin))
+    except ConfigError as exc:
+        raise ConfigError(blame(str(exc), name, origin, overrides)) from None
 
 
-def resolve(params: dict[str, Any], origin: str = DEFAULT_FILE) -> Configs:
+def blame(message: str, name: str, origin: str, overrides: Sequence[str]) -> str:
+    """``message`` (``params.yaml:train: method: ...``) with its origin replaced by the
+    ``--set`` of this section whose key the message names, when there is one."""
+    prefix = where(name, origin)
+    if not message.startswith(prefix):
+        return message
+    rest = message[len(prefix) :]
+    for text in reversed(overrides):
+        target, _ = parse_override(text)
+        if (
+            target[0] == name
+            and len(target) > 1
+            and re.search(rf"\b{re.escape(target[1])}\b", rest)
+        ):
+            return f"--set {text}{rest.removeprefix('.' + target[1])}"
+    return message
+
+
+def resolve(
+    params: dict[str, Any], origin: str = DEFAULT_FILE, overrides: Sequence[str] = ()
+) -> Configs:
     """Typed configs of every section."""
-    _check_sections(params, origin)
-    return Configs(**{name: section(params, name, origin) for name in SECTIONS})
+    check_keys(params, origin, overrides)
+    return Configs(**{name: section(params, name, origin, overrides) for name in SECTIONS})
 
 
 def load_configs(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Configs:
     """:func:`resolve` of :func:`load_params`: what the pipeline commands and the flow call."""
-    return resolve(load_params(path, overrides))
+    origin = display_path(Path(path)) if path is not None else DEFAULT_FILE
+    return resolve(load_params(path, overrides), origin, overrides)

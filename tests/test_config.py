@@ -93,13 +93,13 @@ def test_load_params_defaults_overrides_and_sections(tmp_path):
     with pytest.raises(ConfigError, match=r"other\.yaml: no such params file"):
         load_params(tmp_path / "other.yaml")
     (tmp_path / "params.yaml").write_text("train:\n  lr: 0.1\n  beta: 0.2\nmodle: {}\n")
-    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['modle'\]; allowed: \['data'"):
+    with pytest.raises(ConfigError, match=r"params.yaml:modle: unknown section 'modle'; did you"):
         load_params(tmp_path / "params.yaml")
     (tmp_path / "params.yaml").write_text("train:\n  lr: 0.1\n  beta: 0.2\n")
     assert load_params(tmp_path / "params.yaml", ["train.lr=0.3"]) == {
         "train": {"lr": 0.3, "beta": 0.2}
     }
-    with pytest.raises(ConfigError, match=r"--set: unknown section\(s\) \['trian'\]"):
+    with pytest.raises(ConfigError, match=r"--set trian.lr=0.3: unknown section 'trian'"):
         load_params(tmp_path / "params.yaml", ["trian.lr=0.3"])
 
 
@@ -119,7 +119,7 @@ def test_resolve_types_every_section_and_names_where_a_key_came_from():
     assert cfgs.train.method == "dpo" and cfgs.data.generated.n_pairs == 120
     assert cfgs.resolved()["data"]["generated"]["n_pairs"] == 120
     assert set(cfgs.resolved()) == set(SECTIONS)
-    with pytest.raises(ConfigError, match=r"params.yaml:train: unknown key\(s\) \['lrr'\]"):
+    with pytest.raises(ConfigError, match=r"params.yaml:train: unknown key 'lrr' in train"):
         resolve({"train": {"lrr": 1}})
     with pytest.raises(ConfigError, match=r"my.yaml:register\.min_worst_group_accuracy"):
         section({"register": {"min_worst_group_accuracy": "high"}}, "register", "my.yaml")

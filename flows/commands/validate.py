@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 Validate a preference-pair table (JSONL, CSV or Parquet with the canonical columns pair_id,
 question_id, group, prompt, chosen, rejected, split) with Great Expectations. A GlobalOpinionQA
 file (the Hub's CSV or the distributional JSON) is checked too: its shares, and the pairs that
-`grpo ingest` would build from it for --groups (default: the paper's five countries).
+`grpo ingest` would build from it.
+
+The expected groups: --groups when given; else those params.yaml (the project's, or --params;
+the embedded defaults when there is none) configures for its data source, e.g.
+data.generated.groups, or data.globalopinionqa.groups for a GlobalOpinionQA file; the groups
+found in the file only for `data.source: file` without `data.groups`. The first line says which
+list was used.
 
   - every column present and never null; pair_id unique
   - group in the configured set (--groups); split in train/validation/test
@@ -31,8 +38,8 @@ EPILOG = """\
 examples:
   grpo validate data/pairs.parquet --groups Northland,Southland,Island
   grpo validate my_pairs.jsonl --groups a,b,c --set validate.min_pairs_per_split=10
-  grpo validate data/pairs.parquet --params params.yaml     # groups from params.yaml's data source
-  grpo validate my_pairs.csv                                # groups = those found in the file
+  grpo validate data/pairs.parquet                          # groups of params.yaml's data source
+  grpo validate my_pairs.csv --params other.yaml            # ... of other.yaml's
   grpo validate ../shared/data/globalopinionqa/goqa_subset.json --groups Japan,China
   xdg-open reports/validation/data_docs/index.html          # the HTML Data Docs
 """
@@ -49,13 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("file", help="the pair table (.jsonl, .json, .csv, .parquet)")
     parser.add_argument(
         "--groups",
-        help="comma-separated expected groups (default: params.yaml's data source with --params, "
-        "else the groups found in the file)",
+        help="comma-separated expected groups (default: those params.yaml configures for its "
+        "data source)",
     )
     parser.add_argument(
         "--params",
         default=None,
-        help="params file for the validate: section (and the groups of the data: source)",
+        help="params file for the validate: section and the groups of the data: source "
+        "(default: the project's params.yaml)",
     )
     parser.add_argument(
         "--set",
@@ -75,25 +83,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from flows.params import load_params, section
+    from flows.commands import prepare
+    from flows.params import display_path, load_params, params_path, section
     from grpo.config import ConfigError
 
+    root = prepare()
     try:
-        # without --params: the embedded defaults (and the groups found in the file)
-        params = load_params(args.params, args.overrides)
+        file = params_path(args.params or "params.yaml", root)
+        origin = display_path(file) if file.exists() else "the embedded defaults"
+        params = load_params(file, args.overrides)
+        cfg = section(params, "validate", display_path(file), args.overrides)
+        groups, which = expected_groups(args, params, display_path(file), origin)
+        print(f"grpo validate: expected groups from {which}: {', '.join(groups or ['?'])}")
         from tasks.validate import DataValidationError, format_report, validate
-
-        cfg = section(params, "validate")
-        groups = None
-        if args.groups:
-            groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-        elif args.params:
-            groups = section(params, "data").expected_groups()
-        if groups is None:
-            print(
-                "grpo validate: no --groups: checking against the groups found in the file "
-                "(a GlobalOpinionQA file: the paper's five countries)"
-            )
     except (ConfigError, ValueError) as exc:
         print(f"grpo validate: error: {exc}", file=sys.stderr)
         return 2
@@ -111,3 +113,24 @@ def main(args: argparse.Namespace) -> int:
 
         write_json(args.json, validation_record(result))
     return code
+
+
+def expected_groups(
+    args: argparse.Namespace, params: dict, file: str, origin: str
+) -> tuple[list[str] | None, str]:
+    """The groups to check and where they came from: ``--groups``; else the configured groups
+    of the data source in the params (a GlobalOpinionQA file: ``data.globalopinionqa.groups``);
+    else, for a ``file`` source without ``data.groups``, the groups found in the file."""
+    from flows.params import section
+    from grpo.data.globalopinionqa import is_opinion_file
+
+    if args.groups:
+        return [g.strip() for g in args.groups.split(",") if g.strip()], "--groups"
+    data = section(params, "data", file, args.overrides)
+    if is_opinion_file(Path(args.file)):
+        return list(data.globalopinionqa.groups), f"{origin}, data.globalopinionqa.groups"
+    groups = data.expected_groups()
+    if groups is None:
+        return None, f"the file itself ({origin} sets no data.groups for source {data.source})"
+    key = "data.groups" if data.section() is None else f"data.{data.source}.groups"
+    return list(groups), f"{origin}, {key} (data.source: {data.source})"

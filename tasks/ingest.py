@@ -51,6 +51,7 @@ def ingest(
         "dir": str(out_dir),
         "source_path": str(out_dir / SOURCE_FILE) if source is not None else None,
         "source": cfg.source,
+        "split_rule": pairs.attrs.get("split_rule"),  # how the splits were made (the ingest line)
         "rows": len(pairs),
         "groups": list(groups),
         "group_counts": {

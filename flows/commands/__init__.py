@@ -58,9 +58,12 @@ def quiet_loggers(verbose: bool = False) -> None:
         noisy = ("mlflow", "dvc", "great_expectations", "alembic", "httpx", "urllib3")
         for name in (*noisy, "great_expectations.data_context.types.base"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        # a failed stage is reported in one line by `grpo run`; -v shows Prefect's tracebacks
+        # the runs' logs (stage lines at INFO, a failure's traceback) go to the Prefect API and
+        # its UI, not the terminal: `grpo run` prints a line per stage and a failure in one
+        # line; -v shows them all
         for name in ("prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+            logging.getLogger(name).setLevel(logging.INFO)
+            logging.getLogger(name).propagate = False
 
 
 def first_line(exc: BaseException) -> str:

@@ -23,6 +23,11 @@ from flows import stages
 from flows.params import find_root, load_configs
 
 CACHED = (INPUTS - "run_id") + TASK_SOURCE
+# the run summary's `gate`: the decision and tasks.register.gate_record's keys
+GATE_KEYS = (
+    "decision", "reason", "metric", "value", "threshold", "confidence", "bound",
+    "min_group_pairs", "group", "group_pairs", "margin",
+)  # fmt: skip
 
 
 TRAINING_CODE = (
@@ -119,8 +124,13 @@ def evaluate_task(
     beta: float,
     out_dir: str,
     root: str,
+    groups: tuple[str, ...] | None = None,
+    confidence: float = 0.95,
 ) -> dict[str, Any]:
-    return stages.evaluate(pairs_path, trained, cfg, model_cfg, beta, out_dir, Path(root))
+    return stages.evaluate(
+        pairs_path, trained, cfg, model_cfg, beta, out_dir, Path(root),
+        groups=groups, confidence=confidence,
+    )  # fmt: skip
 
 
 @task(name="log-results", retries=2, retry_delay_seconds=2)
@@ -140,9 +150,9 @@ def log_model_task(run_id: str, trained: dict[str, Any], enabled: bool) -> str |
 
 @task(name="register")
 def register_task(
-    run: dict[str, str], metrics: dict[str, float], cfg: Any, model_uri: str | None, root: str
+    run: dict[str, str], evaluation: dict[str, Any], cfgs: Any, model_uri: str | None, root: str
 ) -> dict[str, Any]:
-    return stages.register(run, metrics, cfg, model_uri, Path(root))
+    return stages.register(run, evaluation, cfgs, model_uri, Path(root))
 
 
 @task(name="end-run", retries=2, retry_delay_seconds=2)
@@ -201,15 +211,14 @@ def retrain(
         evaluation = evaluate_task(
             *inputs, trained, cfgs.evaluate, cfgs.model, cfgs.train.beta,
             str(run_dir / f"evaluate-{cfgs.evaluate.split}"), str(home),
+            cfgs.data.expected_groups(), cfgs.register.confidence,
         )  # fmt: skip
         stages.publish_evaluation(evaluation, home)  # a cached result skipped publishing
         stage = "tracking"
         log_results_task(run_id, trained, evaluation, cfgs.register.metric)
         model_uri = log_model_task(run_id, trained, cfgs.register.log_model)
         stage = "register"
-        decision = register_task(
-            tracking, evaluation["metrics"], cfgs.register, model_uri, str(home)
-        )
+        decision = register_task(tracking, evaluation, cfgs, model_uri, str(home))
     except BaseException as exc:
         report = str(Path(home / cfgs.validate.report_dir) / "report.json")
         failure = stages.failure(stage, exc, report if stage == "validate" else None)
@@ -245,13 +254,14 @@ def summarize(
             "final_group_weights": dict(zip(trained["groups"], trained["weights"], strict=False)),
         },
         "evaluation": evaluation_summary(evaluation, metric),
-        "gate": {k: decision[k] for k in ("decision", "reason", "metric", "value", "threshold")},
+        "gate": {k: decision[k] for k in GATE_KEYS},
         "registered": {
             "model_name": decision["model_name"],
             "version": decision["version"],
             "aliases": decision["aliases"],
             "champion": decision["champion"],
             "champion_reason": decision["champion_reason"],
+            "champion_comparison": decision.get("champion_comparison"),
         },
         "mlflow_ui": ui_command(uri),
     }
@@ -268,8 +278,11 @@ def evaluation_summary(evaluation: dict[str, Any], metric: str) -> dict[str, Any
     from tasks.evaluate import per_group_rows
 
     metrics = evaluation["metrics"]
-    rows = per_group_rows(metrics)
-    worst = min(rows, key=lambda r: r.get(metric, float("inf")))["group"] if rows else None
+    rows = per_group_rows(metrics)  # pairs, the metrics and the accuracies' intervals
+    unmeasured = [r["group"] for r in rows if not r.get("pairs")]  # the worst is unknown there
+    worst = unmeasured[0] if unmeasured else None
+    if rows and worst is None:
+        worst = min(rows, key=lambda r: r.get(metric, float("inf")))["group"]
     return {
         "split": evaluation["split"],
         "pairs": evaluation["pairs"],

@@ -6,7 +6,7 @@ the paths ``dvc.yaml`` declares, so after either path ``outputs/`` holds the lat
     ingest    tasks.ingest           -> outputs/data/ingest.json (the data version, stable fields)
     validate  tasks.validate         -> outputs/data/validation.json (+ reports/validation/)
     train     tasks.train            -> outputs/train/result.json, history.csv
-    evaluate  tasks.evaluate         -> outputs/evaluate/metrics.json, per_group.json, samples.json
+    evaluate  tasks.evaluate         -> outputs/evaluate/metrics.json, per_group.json, per_pair.json
     register  tasks.tracking/register -> outputs/register/decision.json (+ the MLflow run)
 
 The Prefect flow (``flows/retrain.py``) calls them as tasks, training into a content-keyed folder
@@ -135,13 +135,18 @@ def evaluate(
     beta: float,
     out_dir: str | Path,
     root: Path,
+    *,
+    groups: tuple[str, ...] | None = None,
+    confidence: float = 0.95,
 ) -> dict[str, Any]:
-    """Per-group metrics of the trained policy against its reference; publishes them."""
+    """Per-group metrics of the trained policy against its reference, every configured group
+    (``groups``) reported, intervals at ``confidence`` (``register.confidence``); publishes them."""
     from tasks.evaluate import evaluate as score
 
     result = score(
         pairs, trained["model_dir"], trained["reference_dir"], eval_cfg, out_dir,
-        beta=beta, method=trained["method"], model_cfg=model_cfg,
+        beta=beta, method=trained["method"], model_cfg=model_cfg, groups=groups,
+        confidence=confidence,
     )  # fmt: skip
     return publish_evaluation(result, root)
 
@@ -159,21 +164,41 @@ def publish_evaluation(result: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def log_model(run_id: str, trained: dict[str, Any], enabled: bool) -> str | None:
-    """The policy as an MLflow model (None when ``register.log_model`` is off)."""
+    """The policy as an MLflow model and its reference as run artifacts (so the version can be
+    re-scored from the registry alone); None when ``register.log_model`` is off."""
     from tasks.tracking import log_model as log
+    from tasks.tracking import log_reference
 
     if not enabled:
         return None
-    return log(run_id, trained["model_dir"], metadata={"method": trained["method"]})
+    uri = log(run_id, trained["model_dir"], metadata={"method": trained["method"]})
+    log_reference(run_id, trained["reference_dir"])
+    return uri
 
 
 def register(
-    run: dict[str, str], metrics: dict[str, float], cfg: Any, model_uri: str | None, root: Path
+    run: dict[str, str],
+    evaluation: dict[str, Any],
+    cfgs: Configs,
+    model_uri: str | None,
+    root: Path,
 ) -> dict[str, Any]:
-    """The worst-group gate and the registry aliases; writes :data:`DECISION_JSON`."""
+    """The gate on the evaluation, the current champion re-scored on the same pairs, the
+    registry aliases; writes :data:`DECISION_JSON`."""
+    from tasks.register import Evidence
     from tasks.register import register as gate
 
-    decision = gate(run["run_id"], metrics, cfg, model_uri=model_uri)
+    evidence = Evidence(
+        pairs_path=pairs_path(cfgs, root),
+        per_pair=evaluation.get("per_pair") or {},
+        split=evaluation["split"],
+        model_cfg=cfgs.model,
+        batch_size=cfgs.evaluate.batch_size,
+        groups=cfgs.data.expected_groups(),
+    )
+    decision = gate(
+        run["run_id"], evaluation["metrics"], cfgs.register, model_uri=model_uri, evidence=evidence
+    )
     write_json(
         root / DECISION_JSON,
         {"run_id": run["run_id"], "tracking_uri": run["tracking_uri"], **decision},
@@ -209,7 +234,8 @@ def stage_evaluate(cfgs: Configs, root: Path) -> dict[str, Any]:
     trained = load_result(root / TRAIN_DIR)
     result = evaluate(
         pairs_path(cfgs, root), trained, cfgs.evaluate, cfgs.model, cfgs.train.beta,
-        root / EVALUATE_DIR, root,
+        root / EVALUATE_DIR, root, groups=cfgs.data.expected_groups(),
+        confidence=cfgs.register.confidence,
     )  # fmt: skip
     return {k: result[k] for k in ("metrics_path", "per_group_path", "split", "pairs")}
 
@@ -232,7 +258,7 @@ def stage_register(cfgs: Configs, root: Path) -> dict[str, Any]:
             run["run_id"], trained, evaluation, cfgs.register.metric, history_logged=False
         )
         model_uri = log_model(run["run_id"], trained, cfgs.register.log_model)
-        decision = register(run, evaluation["metrics"], cfgs.register, model_uri, root)
+        decision = register(run, evaluation, cfgs, model_uri, root)
     except BaseException as exc:
         tracking.close_run(run["run_id"], "FAILED", failure("register", exc))
         raise

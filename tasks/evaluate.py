@@ -3,8 +3,15 @@
 ``evaluate(...)`` is what the evaluate stage (``flows.stages``) calls for both ``grpo stage
 evaluate`` (dvc.yaml) and the Prefect flow. It writes ``metrics.json`` (flat names from
 ``grpo.metric_names``: ``eval/group/<g>/<metric>``, ``eval/worst_group/<metric>``,
-``eval/overall/<metric>``, ``eval/group_gap/<metric>``), ``per_group.json`` (one row per group,
-for ``dvc plots``), ``samples.json`` and ``evaluation.json`` (split, pairs) into ``out_dir``.
+``eval/overall/<metric>``, ``eval/group_gap/<metric>``, the accuracies' Wilson intervals
+``eval/group/<g>/<metric>_ci_low``/``_ci_high``), ``per_group.json`` (one row per group, for
+``dvc plots``), ``per_pair.json`` (the evaluated pairs' ids, groups and 0/1 accuracies: what the
+champion is re-scored on at registration), ``samples.json`` and ``evaluation.json`` (split,
+pairs) into ``out_dir``.
+
+Every configured group is evaluated: ``evaluate.max_pairs`` caps the pairs *per group* (a seeded
+sample within each group, never dropping one), and a configured group with no pairs in the split
+is reported with ``pairs = 0``, which the gate rejects.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.json"
 PER_GROUP_FILE = "per_group.json"
 SUMMARY_FILE = "evaluation.json"  # what was evaluated: split and number of pairs
+PER_PAIR_FILE = "per_pair.json"  # {"pair_id": [...], "group": [...], "<accuracy>": [0/1, ...]}
 SPLITS = ("train", "validation", "test")
 
 
@@ -29,7 +37,8 @@ class EvaluateConfig:
 
     split: str = "test"  # which split of the pair table to evaluate on
     batch_size: int = 32  # pairs per forward pass
-    max_pairs: int = 0  # evaluate at most this many pairs (0 = all)
+    max_pairs: int = 0  # at most this many pairs per group, a seeded sample (0 = all)
+    seed: int = 0  # seed of the max_pairs sample
     samples: int = 2  # pairs per group whose options are scored (grpo.samples; 0 = none)
     generate: bool = False  # also a greedy completion of each sample's prompt (real models)
     max_new_tokens: int = 16
@@ -53,14 +62,19 @@ def evaluate(
     beta: float = 0.1,
     method: str = "gr-dpo",
     model_cfg: Any = None,
+    groups: tuple[str, ...] | None = None,
+    confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` against ``reference_dir`` on the ``cfg.split`` pairs.
 
     ``beta`` and ``method`` (its DPO or IPO loss) are the training run's; ``model_cfg``
-    (``grpo.modeling.ModelConfig``) gives the device and the truncation lengths.
+    (``grpo.modeling.ModelConfig``) gives the device and the truncation lengths; ``groups`` the
+    configured groups (each reported, with or without pairs); ``confidence`` the level of the
+    accuracies' intervals (``register.confidence``).
     Returns ``{"metrics": {flat name: value}, "result": nested dict, "metrics_path",
-    "per_group_path", "split", "pairs", "samples"}``; ``samples``: scored options of
-    ``cfg.samples`` pairs per group (``grpo.samples.score_samples``).
+    "per_group_path", "split", "pairs", "per_pair", "samples"}``; ``per_pair``: the evaluated
+    pairs' ids, groups and 0/1 accuracies; ``samples``: scored options of ``cfg.samples`` pairs
+    per group (``grpo.samples.score_samples``).
     """
     from grpo.evaluation import evaluate_pairs, flatten_metrics
     from grpo.groups import parse_method
@@ -79,7 +93,10 @@ def evaluate(
         "device": next(policy.parameters()).device,
     }
     loss = parse_method(method).loss
-    result = evaluate_pairs(policy, reference, tokenizer, frame, loss=loss, beta=beta, **scoring)
+    result = evaluate_pairs(
+        policy, reference, tokenizer, frame, loss=loss, beta=beta, expected_groups=groups,
+        confidence=confidence, **scoring,
+    )  # fmt: skip
     metrics = flatten_metrics(result, prefix="eval")
     samples = score_samples(
         policy, reference, tokenizer, frame, per_group=cfg.samples, beta=beta, **scoring
@@ -93,20 +110,60 @@ def evaluate(
         "result": result,
         "split": cfg.split,
         "pairs": len(frame),
+        "per_pair": per_pair_record(frame, result["per_pair"]),
         "samples": samples,
     }
     return save_evaluation(evaluation, out_dir)
 
 
 def split_pairs(pairs_path: str | Path, cfg: EvaluateConfig):
-    """The ``cfg.split`` rows of the pair table (the first ``cfg.max_pairs`` when set)."""
+    """The ``cfg.split`` rows of the pair table (at most ``cfg.max_pairs`` per group)."""
     from grpo.data.schema import read_pairs
 
     frame = read_pairs(pairs_path)
     frame = frame[frame["split"] == cfg.split].reset_index(drop=True)
     if frame.empty:
         raise ValueError(f"{pairs_path}: no pairs with split == {cfg.split!r} to evaluate")
-    return frame.head(cfg.max_pairs) if cfg.max_pairs else frame
+    return sample_per_group(frame, cfg.max_pairs, cfg.seed)
+
+
+def sample_per_group(frame, max_pairs: int, seed: int = 0):
+    """At most ``max_pairs`` rows of every group (0 = all), drawn without replacement with a
+    generator seeded by ``seed``; the kept rows stay in their original order."""
+    import numpy as np
+
+    if not max_pairs:
+        return frame
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, rows in sorted(frame.groupby("group", sort=False).groups.items()):
+        rows = np.asarray(rows)
+        keep.append(rng.choice(rows, max_pairs, replace=False) if len(rows) > max_pairs else rows)
+    return frame.loc[np.sort(np.concatenate(keep))].reset_index(drop=True)
+
+
+def per_pair_record(frame, outcomes: dict[str, list[int]]) -> dict[str, list]:
+    """The evaluated pairs (ids and groups, in evaluation order) with their 0/1 outcomes."""
+    return {
+        "pair_id": frame["pair_id"].astype(str).tolist(),
+        "group": frame["group"].astype(str).tolist(),
+        **{m: list(v) for m, v in outcomes.items()},
+    }
+
+
+def evaluated_pairs(pairs_path: str | Path, per_pair: dict[str, list]):
+    """The rows of the pair table that ``per_pair`` was evaluated on, in its order (to score
+    another model on exactly the same pairs); a missing id is an error naming it."""
+    from grpo.data.schema import read_pairs
+
+    frame = read_pairs(pairs_path).set_index("pair_id", drop=False)
+    missing = [p for p in per_pair["pair_id"] if p not in frame.index]
+    if missing:
+        raise ValueError(
+            f"{pairs_path}: {len(missing)} evaluated pair(s) not in the table, e.g. "
+            f"pair_id {missing[0]!r}: the data changed after the evaluation"
+        )
+    return frame.loc[per_pair["pair_id"]].reset_index(drop=True)
 
 
 def save_evaluation(evaluation: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
@@ -117,6 +174,7 @@ def save_evaluation(evaluation: dict[str, Any], out_dir: str | Path) -> dict[str
     metrics_path = write_json(out_dir / METRICS_FILE, metrics)
     per_group_path = write_json(out_dir / PER_GROUP_FILE, per_group_rows(metrics))
     write_json(out_dir / SAMPLES_FILE, evaluation.get("samples") or [])
+    write_json(out_dir / PER_PAIR_FILE, evaluation.get("per_pair") or {})
     write_json(out_dir / SUMMARY_FILE, {k: evaluation[k] for k in ("split", "pairs")})
     return {
         **evaluation,
@@ -131,12 +189,13 @@ def load_evaluation(out_dir: str | Path) -> dict[str, Any]:
     path = out_dir / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no evaluation here; run `grpo stage evaluate` first")
-    samples = out_dir / SAMPLES_FILE
+    samples, per_pair = out_dir / SAMPLES_FILE, out_dir / PER_PAIR_FILE
     return {
         **read_json(out_dir / SUMMARY_FILE),
         "metrics": read_json(path),
         "metrics_path": str(path),
         "per_group_path": str(out_dir / PER_GROUP_FILE),
+        "per_pair": read_json(per_pair) if per_pair.exists() else {},
         "samples": read_json(samples) if samples.exists() else [],
     }
 

@@ -231,6 +231,15 @@ def log_model(
     return info.model_uri
 
 
+def log_reference(run_id: str, reference_dir: str | Path) -> None:
+    """The reference model (weights, config, tokenizer) as run artifacts ``reference/``: with the
+    logged policy, what re-scores a registered version later (``tasks.rescore``). Only the
+    folder's files: its cached log-probs (``logps/``) are not needed."""
+    for path in sorted(Path(reference_dir).iterdir()):
+        if path.is_file():
+            client().log_artifact(run_id, str(path), "reference")
+
+
 # --- the run record, shared by the Prefect flow and `grpo stage register` -----------------------
 
 DATA_TAGS = ("md5", "sha256", "git_rev", "source", "rows", "groups")

@@ -57,10 +57,10 @@ def test_render_formats():
 
 def test_audit_lists_versions_newest_first(store, tiny_model_dir, tmp_path):  # noqa: F811
     from tasks import tracking
-    from tasks.audit import audit, plot
+    from tasks.audit import audit, plot, render
     from tasks.register import RegisterConfig, register
 
-    cfg = RegisterConfig(model_name="m", min_worst_group_accuracy=0.5)
+    cfg = RegisterConfig(model_name="m", min_worst_group_accuracy=0.5, confidence=0.0)
     numbers = [{"a": 0.6, "b": 0.8}, {"a": 0.9, "b": 0.7}, {"a": 0.55, "b": 0.95}]
     run_ids = []
     for i, accs in enumerate(numbers):
@@ -80,6 +80,16 @@ def test_audit_lists_versions_newest_first(store, tiny_model_dir, tmp_path):  # 
     assert [r["git_rev"] for r in records] == ["rev2", "rev1", "rev0"]
     assert {r["method"] for r in records} == {"gr-dpo"}
     assert [r["run_id"] for r in records] == run_ids[::-1]
+    # 100 pairs per group (fake_metrics); 60/100 at 95%: centre (0.6 + 0.019207)/1.038415 =
+    # 0.596301, half 1.959964·√(0.0024 + 0.0000960)/1.038415 = 0.094298 → [0.502003, 0.690599]
+    assert records[2]["group_pairs"] == {"a": 100, "b": 100}
+    assert records[2]["groups_ci"]["a"] == pytest.approx([0.502003, 0.690599], abs=2e-6)
+    # each version was trained on its own data version: only the newest compares with itself
+    assert [r["same_data_as_newest"] for r in records] == [True, False, False]
+    table = render(records, "table")
+    assert "md5-1.dir*" in table and "md5-2.dir " in table
+    assert "0.600 [0.50, 0.69]" in table and "a (n=100)" in table
+    assert "* logged on another data version" in table.splitlines()[-1]
     out = plot(records, tmp_path / "audit" / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -28,6 +28,7 @@ SMALL = [
     "train.progress=false",
     "evaluate.samples=1",
     "evaluate.max_new_tokens=4",
+    "register.min_group_pairs=5",  # 360 pairs: about 10 test pairs in the smallest group
 ]
 METRICS = ("loss", "reward_accuracy", "logprob_accuracy")
 
@@ -101,6 +102,22 @@ def test_pipeline_tracks_gates_and_promotes(project, capsys):
     assert metrics["eval/worst_group/reward_accuracy"] == pytest.approx(min(accs))
     assert metrics["eval/group_gap/reward_accuracy"] == pytest.approx(max(accs) - min(accs))
     assert first["evaluation"]["worst_group"]["value"] == pytest.approx(min(accs))
+    # every group with its pairs and the interval of each accuracy; the gate on the lower bounds
+    for row in first["evaluation"]["per_group"]:
+        g, n = row["group"], row["pairs"]
+        assert n >= 5 and n == metrics[f"eval/group/{g}/pairs"]
+        assert row["reward_accuracy_ci_low"] <= row["reward_accuracy"]
+        assert row["reward_accuracy"] <= row["reward_accuracy_ci_high"]
+        assert metrics[f"eval/group/{g}/reward_accuracy_ci_low"] == row["reward_accuracy_ci_low"]
+    assert sum(r["pairs"] for r in first["evaluation"]["per_group"]) == first["evaluation"]["pairs"]
+    gate = first["gate"]
+    assert (gate["confidence"], gate["min_group_pairs"], gate["threshold"]) == (0.95, 5, 0.0)
+    lows = {r["group"]: r["reward_accuracy_ci_low"] for r in first["evaluation"]["per_group"]}
+    assert gate["bound"] == pytest.approx(min(lows.values())) and gate["group"] in GROUPS
+    assert "95% CI" in out
+    # the reference is logged beside the policy: the version can be re-scored from the registry
+    ref = {a.path for a in client().list_artifacts(first["run_id"], "reference")}
+    assert "reference/config.json" in ref
     # per-step training metrics, every group's loss and weight, one value per step
     for group in GROUPS:
         weights = client().get_metric_history(first["run_id"], f"train/group_weight/{group}")
@@ -161,6 +178,15 @@ def test_pipeline_tracks_gates_and_promotes(project, capsys):
     assert code == 0 and third["registered"]["version"] == "2"
     assert aliases() == {"champion": "1", "challenger": "2"}
     assert client().get_model_version("grpo-policy", "2").tags["champion.decision"] == "kept"
+    # the champion was re-scored on the challenger's pairs: the same model, so the same outcomes
+    comparison = third["registered"]["champion_comparison"]
+    assert comparison["reevaluated"] and comparison["champion_version"] == "1"
+    assert comparison["evaluated_on"]["pairs"] == third["evaluation"]["pairs"]
+    assert comparison["champion_value"] == pytest.approx(min(accs))
+    paired = comparison["paired"]
+    assert (paired["difference"], paired["low"], paired["high"], paired["mcnemar_p"]) == (
+        0.0, 0.0, 0.0, 1.0,
+    )  # fmt: skip
 
     # 4. equally good, no margin: "at least as good" takes champion
     code, fourth = run("register.min_worst_group_accuracy=0", json_path=project / "s4.json")
@@ -291,7 +317,8 @@ def test_dvc_repro_and_grpo_run_write_the_same_outputs_and_record(tmp_path):
 
     def outputs() -> dict[str, object]:
         files = ("evaluate/metrics.json", "evaluate/per_group.json", "data/ingest.json",
-                 "data/validation.json", "evaluate/evaluation.json")  # fmt: skip
+                 "data/validation.json", "evaluate/evaluation.json",
+                 "evaluate/per_pair.json")  # fmt: skip
         found = {f: json.loads((project / "outputs" / f).read_text()) for f in files}
         with (project / "outputs/train/history.csv").open() as fh:  # all but the timings
             found["train/history.csv"] = [

@@ -13,9 +13,13 @@ import pytest
 GROUPS = ("a", "b", "c")
 
 
-def fake_metrics(accs: dict[str, float], metric: str = "reward_accuracy") -> dict[str, float]:
-    """Flat evaluation metrics as grpo.evaluation.flatten_metrics names them, worked out by hand."""
+def fake_metrics(
+    accs: dict[str, float], metric: str = "reward_accuracy", pairs: int = 100
+) -> dict[str, float]:
+    """Flat evaluation metrics as grpo.evaluation.flatten_metrics names them, worked out by hand
+    (``pairs`` evaluated pairs in every group)."""
     out = {f"eval/group/{g}/{metric}": v for g, v in accs.items()}
+    out |= {f"eval/group/{g}/pairs": float(pairs) for g in accs}
     out[f"eval/worst_group/{metric}"] = min(accs.values())
     out[f"eval/group_gap/{metric}"] = max(accs.values()) - min(accs.values())
     out[f"eval/overall/{metric}"] = sum(accs.values()) / len(accs)
@@ -163,7 +167,8 @@ def test_gate_and_champion_in_the_registry(store, tiny_model_dir):
     from tasks.register import RegisterConfig, register
     from tasks.tracking import client
 
-    cfg = RegisterConfig(model_name="m", min_worst_group_accuracy=0.5)
+    # the point-estimate gate (confidence 0): the registry mechanics on hand-made numbers
+    cfg = RegisterConfig(model_name="m", min_worst_group_accuracy=0.5, confidence=0.0)
 
     # worst group 0.4 < 0.5: rejected, nothing registered even though the average is 0.7
     run0, uri0 = logged_run(store, tiny_model_dir, {"a": 0.9, "b": 0.8, "c": 0.4})
@@ -171,9 +176,12 @@ def test_gate_and_champion_in_the_registry(store, tiny_model_dir):
     assert out["decision"] == "rejected" and out["version"] is None
     assert client().search_registered_models() == []
     tags = client().get_run(run0).data.tags
-    assert (
-        tags["gate.decision"] == "rejected" and "0.4000 < threshold 0.5000" in tags["gate.reason"]
+    assert tags["gate.decision"] == "rejected"
+    assert tags["gate.reason"] == (
+        "c decides: reward_accuracy 0.4000 on 100 pairs (point estimate) < threshold 0.5000 "
+        "(margin -0.1000)"
     )
+    assert (out["group"], out["group_pairs"], out["confidence"]) == ("c", 100, 0.0)
 
     # first passing model (worst 0.6): version 1, champion
     accs1 = {"a": 0.7, "b": 0.6, "c": 0.9}
@@ -195,6 +203,11 @@ def test_gate_and_champion_in_the_registry(store, tiny_model_dir):
     mv2 = client().get_model_version("m", "2")
     assert mv2.tags["champion.decision"] == "kept" and mv2.tags["gate.decision"] == "passed"
     assert mv2.run_id == run2
+    # no evaluated pairs were given: the champion's logged figure, and the tags say so
+    assert mv2.tags["champion.reevaluated"] == "false" and mv2.tags["champion.previous"] == "1"
+    assert mv2.tags["champion.champion_value"] == "0.600000"
+    assert "logged figure" in mv2.tags["champion.reason"]
+    assert out["champion_comparison"]["reevaluated"] is False
 
     # better worst group (0.65 >= 0.6): takes champion
     accs3 = {"a": 0.65, "b": 0.7, "c": 0.8}
@@ -214,14 +227,20 @@ def test_gate_and_champion_in_the_registry(store, tiny_model_dir):
 def test_promote_rechecks_the_gate(store, tiny_model_dir):
     from tasks.register import GateRejected, RegisterConfig, promote, register
 
-    cfg = RegisterConfig(model_name="m", min_worst_group_accuracy=0.5)
+    cfg = RegisterConfig(model_name="m", min_worst_group_accuracy=0.5, confidence=0.0)
     for accs in ({"a": 0.6, "b": 0.7}, {"a": 0.8, "b": 0.9}):
         run_id, uri = logged_run(store, tiny_model_dir, accs)
         register(run_id, fake_metrics(accs), cfg, model_uri=uri)
     assert aliases()["champion"] == "2"
-    strict = RegisterConfig(model_name="m", min_worst_group_accuracy=0.65)
-    with pytest.raises(GateRejected, match=r"0\.6000 < threshold 0\.6500"):
+    strict = RegisterConfig(model_name="m", min_worst_group_accuracy=0.65, confidence=0.0)
+    with pytest.raises(GateRejected, match=r"a decides: reward_accuracy 0\.6000 on 100 pairs"):
         promote("m", "1", strict)
+    # the interval gate on the logged figures: 80/100 has 95% lower bound 0.7112 < 0.75
+    # (centre (0.8 + 0.019207)/1.038415 = 0.788906, half 1.959964·0.041183/1.038415 = 0.077731)
+    with pytest.raises(GateRejected, match=r"95% lower bound 0\.7112 < threshold 0\.7500"):
+        promote("m", "2", RegisterConfig(model_name="m", min_worst_group_accuracy=0.75))
+    with pytest.raises(GateRejected, match=r"too few evaluated pairs: a 100, b 100 < "):
+        promote("m", "2", RegisterConfig(model_name="m", min_group_pairs=101))
     assert aliases()["champion"] == "2"
     out = promote("m", "1", strict, force=True)
     assert out["previous_champion"] == "2" and "--force" in out["reason"]

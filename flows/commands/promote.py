@@ -6,10 +6,12 @@ import argparse
 import sys
 
 DESCRIPTION = """\
-Point the `champion` alias of a registered model at VERSION (e.g. to roll back). The version's
-worst-group accuracy is re-checked against the gate (register.min_worst_group_accuracy and
-register.metric in params.yaml, or --threshold) unless --force. The decision is recorded as tags
-on the version (champion.decision, champion.reason).
+Point the `champion` alias of a registered model at VERSION (e.g. to roll back). Unless --force,
+the version's logged figures are re-checked against the gate as `grpo run` applies it: every
+group evaluated on at least register.min_group_pairs pairs, and every group's lower confidence
+bound (Wilson, level register.confidence) on register.metric at least
+register.min_worst_group_accuracy (or --threshold). The decision is recorded as tags on the
+version (champion.decision, champion.reason).
 """
 
 EPILOG = """\

@@ -139,7 +139,6 @@ def start_local_server():
 def format_summary(s: dict[str, Any]) -> str:
     """The human-readable run summary."""
     ev, gate, reg = s["evaluation"], s["gate"], s["registered"]
-    metrics = ["loss", "reward_accuracy", "logprob_accuracy", "reward_margin", "pairs"]
     lines = [
         f"MLflow run      {s['run_id']}  (experiment {s['experiment_id']})",
         f"data            {s['data']['source']}: {s['data']['rows']} pairs, DVC md5 {s['data']['md5']}, git {str(s['data']['git_rev'])[:10]}",
@@ -147,31 +146,12 @@ def format_summary(s: dict[str, Any]) -> str:
         + (" (cached)" if s["train"]["cached"] else ""),
         "",
         f"per-group evaluation on the {ev['split']} split ({ev['pairs']} pairs):",
+        *per_group_lines(ev, gate.get("confidence")),
     ]
-    width = max([24, *(len(str(r["group"])) + 2 for r in ev["per_group"])])
-    lines.append(f"  {'group':<{width}}" + "".join(f"{m:>18}" for m in metrics))
-    for row in ev["per_group"]:
-        cells = "".join(
-            f"{row.get(m, float('nan')):>18.0f}"
-            if m == "pairs"
-            else f"{row.get(m, float('nan')):>18.4f}"
-            for m in metrics
-        )
-        lines.append(f"  {row['group']:<{width}}{cells}")
-    ov = ev["overall"]
-    lines.append(
-        f"  {'overall':<{width}}"
-        + "".join(
-            f"{ov.get(m, float('nan')):>18.0f}"
-            if m == "pairs"
-            else f"{ov.get(m, float('nan')):>18.4f}"
-            for m in metrics
-        )
-    )
     wg = ev["worst_group"]
     lines += [
         "",
-        f"worst group     {wg['group']}: {wg['metric']} {wg['value']:.4f} (gap to the best {wg['gap']:.4f})",
+        f"worst group     {wg['group']}: {wg['metric']} {_num(wg['value'])} (gap to the best {_num(wg['gap'])})",
         f"gate            {gate['decision']}: {gate['reason']}",
     ]
     if reg["version"]:
@@ -179,7 +159,41 @@ def format_summary(s: dict[str, Any]) -> str:
             f"registered      {reg['model_name']} version {reg['version']}, aliases: {', '.join(reg['aliases']) or '-'}"
         )
         lines.append(f"champion        version {reg['champion']} ({reg['champion_reason']})")
+        paired = (reg.get("champion_comparison") or {}).get("paired")
+        if paired:
+            lines.append(
+                f"paired          worst-group difference {paired['difference']:+.4f}, "
+                f"{paired['confidence']:.0%} bootstrap [{paired['low']:+.4f}, {paired['high']:+.4f}]; "
+                f"McNemar on {paired['group']}: p = {paired['mcnemar_p']:.3g}"
+            )
     else:
         lines.append(f"registered      nothing (champion stays version {reg['champion'] or '-'})")
     lines.append(f"MLflow UI       {s['mlflow_ui']}")
     return "\n".join(lines)
+
+
+def _num(value: Any, fmt: str = ".4f") -> str:
+    """A number, or ``nan`` for a missing/NaN one."""
+    return "nan" if value is None else format(float(value), fmt)
+
+
+def per_group_lines(ev: dict[str, Any], confidence: float | None) -> list[str]:
+    """The per-group table: pairs, the metrics, each accuracy with its interval."""
+    level = f"{confidence:.0%} CI" if confidence else "CI"
+    columns = [("pairs", 7), ("loss", 9), ("reward_accuracy", 16), (level, 15),
+               ("logprob_accuracy", 17), (level, 15), ("reward_margin", 14)]  # fmt: skip
+    width = max([24, *(len(str(r["group"])) + 2 for r in ev["per_group"])])
+    lines = [f"  {'group':<{width}}" + "".join(f"{name:>{w}}" for name, w in columns)]
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        cells = [f"{_num(r.get('pairs'), '.0f'):>7}", f"{_num(r.get('loss')):>9}"]
+        for m, w in (("reward_accuracy", 16), ("logprob_accuracy", 17)):
+            low, high = r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
+            interval = "-" if low is None or low != low else f"[{low:.2f}, {high:.2f}]"
+            cells += [f"{_num(r.get(m)):>{w}}", f"{interval:>15}"]
+        cells.append(f"{_num(r.get('reward_margin')):>14}")
+        return f"  {name:<{width}}" + "".join(cells)
+
+    lines += [row(str(r["group"]), r) for r in ev["per_group"]]
+    lines.append(row("overall", ev["overall"]))
+    return lines

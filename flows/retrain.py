@@ -106,11 +106,24 @@ def train_task(
 ) -> dict[str, Any]:
     from tasks.tracking import metric_logger
 
-    log_fn = metric_logger(run_id)  # per-step metrics stream into this flow run's MLflow run
+    stream, streamed = metric_logger(run_id), set()
+
+    def log_fn(metrics: dict[str, float], step: int) -> None:
+        stream(metrics, step)  # per-step metrics go into this flow run's MLflow run
+        streamed.add(step)
+
     result = stages.train(
         pairs_path, model_cfg, train_cfg, out_dir, Path(root), log_fn=log_fn, resume=True
     )
-    return {**result, "logged_to": run_id}
+    # a finished run folder (same data and config) trains no step: nothing streamed, so the
+    # run copies the whole history; a resumed one only the steps before its checkpoint
+    return {**result, "logged_to": run_id, "streamed_steps": sorted(streamed)}
+
+
+def streamed_steps(trained: dict[str, Any], run_id: str) -> list[int]:
+    """The training steps whose metrics streamed into MLflow run ``run_id`` (none when the
+    result came from Prefect's cache, i.e. from another run)."""
+    return list(trained.get("streamed_steps") or []) if trained.get("logged_to") == run_id else []
 
 
 @task(name="evaluate", cache_policy=CACHED, persist_result=True)
@@ -139,8 +152,8 @@ def log_results_task(
 ) -> None:
     from tasks.tracking import record_results
 
-    history_logged = trained.get("logged_to") == run_id  # else from the cache: copy its history
-    record_results(run_id, trained, evaluation, metric, history_logged=history_logged)
+    logged = streamed_steps(trained, run_id)  # the rest of the history is copied
+    record_results(run_id, trained, evaluation, metric, logged_steps=logged)
 
 
 @task(name="log-model", retries=2, retry_delay_seconds=2)
@@ -250,7 +263,9 @@ def summarize(
             "method": trained["method"],
             "steps": trained["steps"],
             "model_dir": trained["model_dir"],
-            "cached": trained.get("logged_to") != tracking["run_id"],
+            "cached": not streamed_steps(
+                trained, tracking["run_id"]
+            ),  # no step trained in this run
             "final_group_weights": dict(zip(trained["groups"], trained["weights"], strict=False)),
         },
         "evaluation": evaluation_summary(evaluation, metric),

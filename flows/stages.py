@@ -254,9 +254,7 @@ def stage_register(cfgs: Configs, root: Path) -> dict[str, Any]:
     run = tracking.open_run(root, cfgs.register.experiment, cfgs.resolved(), pipeline="dvc")
     try:
         tracking.record_data(run["run_id"], data)
-        tracking.record_results(
-            run["run_id"], trained, evaluation, cfgs.register.metric, history_logged=False
-        )
+        tracking.record_results(run["run_id"], trained, evaluation, cfgs.register.metric)
         model_uri = log_model(run["run_id"], trained, cfgs.register.log_model)
         decision = register(run, evaluation, cfgs, model_uri, root)
     except BaseException as exc:

@@ -3,15 +3,22 @@
 Every function takes an explicit ``run_id`` (no reliance on MLflow's thread-local active run),
 so Prefect tasks can call them from any thread. What a run holds:
 
+- the experiment: tag ``mlflow.experimentKind`` = ``custom_model_development`` (MLflow 3's UI
+  then shows the classic runs/metrics/models view, not the GenAI one) and a description;
+- the run's name: what ran, ``<method>-<data version>-s<seed>`` (e.g. ``gr-dpo-a78ad2d8-s0``);
 - params: the resolved config, flattened to ``section.key`` (``params.yaml`` after overrides);
+- dataset inputs ``pairs-train`` (context ``training``) and ``pairs-<split>`` (``evaluation``):
+  digest = the DVC md5, source = the DVC-tracked file (:mod:`tasks.dvc_dataset`);
 - tags: the data version (``data.md5`` = DVC md5, ``data.sha256``, ``data.git_rev``,
   ``data.source``, ``data.rows``, ``data.groups``), ``train.method``, ``train.steps``,
   ``eval.split``, ``pipeline`` (``prefect`` or ``dvc``: which path ran) and the gate's decision;
 - metrics: per-step training metrics (``train/loss``, ``train/group_loss/<g>``,
   ``train/group_weight/<g>``, ``val/...``) and the evaluation (``eval/group/<g>/<metric>``,
   ``eval/worst_group/<metric>``, ``eval/overall/<metric>``, ``eval/group_gap/<metric>``);
-- a per-group table (``eval/per_group.json``, ``mlflow.load_table``), three plots, and the policy
-  as a transformers-flavor model (``mlflow.transformers.load_model("models:/NAME@champion")``).
+- a per-group table (``eval/per_group.json``, ``mlflow.load_table``), the scored-option samples
+  (``eval/samples.json``, a table: one row per option), three plots, and the policy as a
+  transformers-flavor model (``mlflow.transformers.load_model("models:/NAME@champion")``) whose
+  registered model and versions carry the per-group table and the gate decision as descriptions.
 
 Both pipelines (the Prefect flow and ``dvc repro``) write a run only through :func:`open_run`,
 :func:`record_data`, :func:`record_results`, :func:`log_model` and :func:`close_run`, so the two
@@ -23,18 +30,30 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 DB_NAME = "mlflow.db"
 TABLE_FILE = "eval/per_group.json"
+SAMPLES_TABLE = "eval/samples.json"
 PLOT_FILES = {
     "group_accuracy": "plots/group_accuracy.png",
     "group_weights": "plots/group_weights.png",
     "worst_group_loss": "plots/worst_group_loss.png",
 }
 _BAD_CHARS = re.compile(r"[^\w\-. /:]")
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, prompts); this
+# value (the UI's "Machine learning" kind) gives the classic runs / metrics / models view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EXPERIMENT_NOTE = (
+    "Group-robust preference optimization (GR-DPO / GR-IPO, arXiv 2405.20304): one run per "
+    "`grpo run` or `dvc repro`, named <method>-<data version>-s<seed>. Per-group evaluation "
+    "metrics (eval/group/<group>/<metric>, eval/worst_group/...), training curves (train/*, "
+    "val/*), the data as a dataset input (DVC md5), and the policy, registered only when its "
+    "worst group passes the gate."
+)
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow server` serves a local store by default
 
 
 def _quiet() -> None:
@@ -70,10 +89,51 @@ def setup(root: str | Path, experiment: str) -> tuple[str, str]:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient(uri)
+    tags = {**EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_NOTE}
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return uri, found.experiment_id
-    return uri, client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    if found is None:
+        created = client.create_experiment(
+            experiment, artifact_location=artifact_root(uri), tags=tags
+        )
+        return uri, created
+    for key, value in tags.items():  # an experiment made before these conventions gets them
+        if key not in found.tags:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return uri, found.experiment_id
+
+
+def ui_url(uri: str) -> str:
+    """The MLflow UI's address for this tracking URI: the server itself, or where
+    ``mlflow server`` serves a local store (:data:`LOCAL_UI`)."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_url(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def version_url(uri: str, name: str, version: str | int) -> str:
+    return f"{ui_url(uri)}/#/models/{name}/versions/{version}"
+
+
+def ui_links(
+    uri: str, experiment_id: str, run_id: str, decision: Mapping[str, Any]
+) -> dict[str, str | None]:
+    """``{"mlflow_run": its URL, "model_version": the registered version's (None: none)}``."""
+    version = decision.get("version")
+    return {
+        "mlflow_run": run_url(uri, experiment_id, run_id),
+        "model_version": version_url(uri, decision["model_name"], version) if version else None,
+    }
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    """What to do to see this run: open its URL on a server; for a local store, start
+    ``mlflow server`` on it first (``mlflow ui --backend-store-uri http://...`` is no command)."""
+    url = run_url(uri, experiment_id, run_id)
+    if uri.startswith(("http://", "https://")):
+        return f"open {url}"
+    return f"mlflow server --backend-store-uri {uri} --port 5000, then open {url}"
 
 
 def client():
@@ -157,12 +217,17 @@ def metric_logger(run_id: str) -> Callable[[dict[str, float], int], None]:
     return log_fn
 
 
-def log_history(run_id: str, history: Iterable[Mapping[str, Any]]) -> None:
-    """Per-step records ``{"step": s, "train/loss": ..., ...}`` (used when training was cached)."""
+def log_history(
+    run_id: str, history: Iterable[Mapping[str, Any]], skip_steps: Collection[int] = ()
+) -> None:
+    """Per-step records ``{"step": s, "train/loss": ..., ...}`` but those of ``skip_steps``
+    (already streamed into this run); used when training did not stream into this run."""
+    skip = set(skip_steps)
     for record in history:
         record = dict(record)
         step = int(record.pop("step", 0))
-        log_metrics(run_id, record, step)
+        if step not in skip:
+            log_metrics(run_id, record, step)
 
 
 def per_group_table(metrics: Mapping[str, float]) -> Any:
@@ -253,17 +318,66 @@ def open_run(
     Returns ``{"run_id", "tracking_uri", "experiment_id"}``.
     """
     uri, experiment_id = setup(root, experiment)
-    tags = {"train.method": resolved["train"]["method"], "pipeline": pipeline}
-    run_id = start_run(experiment_id, tags=tags)
+    method, seed = resolved["train"]["method"], resolved["train"].get("seed")
+    tags = {"train.method": method, "pipeline": pipeline}
+    run_id = start_run(experiment_id, run_name=run_name(method, None, seed), tags=tags)
     log_params(run_id, resolved)
     return {"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}
 
 
+def data_version(data: Mapping[str, Any] | None) -> str | None:
+    """The data's short version: the DVC md5's first 8 hex digits (the sha256's when the data
+    is not DVC-tracked); None without data."""
+    digest = (data or {}).get("md5") or (data or {}).get("sha256")
+    return str(digest)[:8] if digest else None
+
+
+def run_name(method: str, data: Mapping[str, Any] | None, seed: Any) -> str:
+    """``gr-dpo-a78ad2d8-s0``: method, data version and seed (each when known)."""
+    seed_part = f"s{seed}" if seed is not None else None
+    return "-".join(str(p) for p in (method, data_version(data), seed_part) if p is not None)
+
+
 def record_data(run_id: str, data: Mapping[str, Any]) -> None:
-    """The data version as ``data.<key>`` tags (groups comma-separated)."""
+    """The data version as ``data.<key>`` tags (groups comma-separated), in the run's name, and
+    as the run's dataset inputs (:func:`log_dataset_inputs`)."""
     tags = {f"data.{key}": data.get(key) for key in DATA_TAGS}
     tags["data.groups"] = ",".join(map(str, data.get("groups") or []))
     set_tags(run_id, tags)
+    params = client().get_run(run_id).data.params
+    name = run_name(params.get("train.method", "run"), data, params.get("train.seed"))
+    client().update_run(run_id, name=name)
+    log_dataset_inputs(run_id, data, params.get("evaluate.split", "test"))
+
+
+def log_dataset_inputs(run_id: str, data: Mapping[str, Any], eval_split: str) -> None:
+    """The pair table as two dataset inputs: ``pairs-train`` (context ``training``) and
+    ``pairs-<eval_split>`` (``evaluation``), digest = the DVC md5 (36 characters, MLflow's
+    limit; the sha256's first 32 hex digits for untracked data), source = the DVC-tracked file
+    (:class:`tasks.dvc_dataset.DVCDatasetSource`), schema = the canonical columns. MLflow
+    keeps one input per dataset and run, hence one dataset per split."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from grpo.data.schema import COLUMNS
+    from tasks import dvc_dataset
+
+    dvc_dataset.register()
+    source = dvc_dataset.DVCDatasetSource(
+        data.get("path"), data.get("git_rev"), data.get("dvc_file"), data.get("md5")
+    )
+    digest = data.get("md5") or str(data.get("sha256") or "")[:32] or None
+    schema = Schema([ColSpec(DataType.string, c) for c in COLUMNS])
+    counts = data.get("split_counts") or {}
+    inputs = []
+    for split, context in (("train", "training"), (eval_split, "evaluation")):
+        dataset = MetaDataset(source, name=f"pairs-{split}", digest=digest, schema=schema)
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        tags += [InputTag("rows", str(counts[split]))] if split in counts else []
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+    client().log_inputs(run_id, datasets=inputs)
 
 
 def record_results(
@@ -272,11 +386,11 @@ def record_results(
     evaluation: Mapping[str, Any],
     metric: str,
     *,
-    history_logged: bool,
+    logged_steps: Collection[int] = (),
 ) -> None:
-    """Training history (unless streamed already), evaluation, table, plots, samples, and the
-    ``train.steps`` / ``eval.split`` tags."""
-    log_results(run_id, trained["history"], evaluation, metric, include_history=not history_logged)
+    """Training history (but the ``logged_steps`` that training streamed into this run),
+    evaluation, table, plots, samples, and the ``train.steps`` / ``eval.split`` tags."""
+    log_results(run_id, trained["history"], evaluation, metric, skip_steps=logged_steps)
     set_tags(run_id, {"train.steps": trained["steps"], "eval.split": evaluation["split"]})
 
 
@@ -299,16 +413,83 @@ def log_results(
     evaluation: Mapping[str, Any],
     metric: str,
     *,
-    include_history: bool = True,
+    skip_steps: Collection[int] = (),
 ) -> Any:
-    """Everything after training: the history (unless streamed already), the evaluation metrics
-    and per-group table, the three plots and the generated samples. Returns the table."""
-    if include_history:
-        log_history(run_id, history)
+    """Everything after training: the history (but ``skip_steps``, streamed already), the
+    evaluation metrics and per-group table, the three plots and the scored-option samples (a
+    table, one row per option). Returns the per-group table."""
+    log_history(run_id, history, skip_steps)
     table = log_evaluation(run_id, evaluation["metrics"])
     log_figures(run_id, training_figures(list(history), table, metric))
-    client().log_dict(run_id, list(evaluation.get("samples") or []), "eval/samples.json")
+    log_samples(run_id, list(evaluation.get("samples") or []))
     return table
+
+
+def log_samples(run_id: str, samples: list[Mapping[str, Any]]) -> None:
+    """``eval/samples.json`` as an MLflow table (``mlflow.load_table``): one row per scored
+    option (``grpo.samples.sample_rows``)."""
+    import pandas as pd
+
+    from grpo.samples import sample_rows
+
+    if samples:
+        client().log_table(run_id, pd.DataFrame(sample_rows(samples)), SAMPLES_TABLE)
+
+
+# --- the registry's descriptions: the per-group table and the gate decision --------------------
+
+TABLE_METRICS = ("pairs", "loss", "reward_accuracy", "logprob_accuracy", "reward_margin")
+
+
+def per_group_markdown(metrics: Mapping[str, float]) -> str:
+    """The per-group evaluation as a Markdown table (groups by name, then the worst group)."""
+    from grpo import metric_names
+
+    def cell(value: Any, metric: str) -> str:
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return "–"
+        return f"{value:.0f}" if metric == "pairs" else f"{value:.4f}"
+
+    lines = [
+        "| group | " + " | ".join(TABLE_METRICS) + " |",
+        "|---" * (len(TABLE_METRICS) + 1) + "|",
+    ]
+    rows = sorted(metric_names.per_group(metrics).items())
+    worst = {m: metrics.get(metric_names.worst_group(m)) for m in TABLE_METRICS}
+    for group, values in [*rows, ("**worst group**", worst)]:
+        lines.append(
+            f"| {group} | " + " | ".join(cell(values.get(m), m) for m in TABLE_METRICS) + " |"
+        )
+    return "\n".join(lines)
+
+
+def version_description(
+    name: str, metrics: Mapping[str, float], decision: Mapping[str, Any]
+) -> str:
+    """A model version's description: the run, the gate decision and why, the champion rule's
+    decision, and the per-group table."""
+    lines = [
+        f"Run `{name}`. Gate: **{decision.get('decision')}**: {decision.get('reason')}.",
+    ]
+    if decision.get("champion_reason"):
+        lines.append(f"Champion: {decision['champion_reason']}.")
+    return "\n\n".join([*lines, per_group_markdown(metrics)])
+
+
+def describe_version(
+    run_id: str, metrics: Mapping[str, float], decision: Mapping[str, Any]
+) -> None:
+    """Set the registered version's description (:func:`version_description`) and, when it is
+    the champion, the registered model's (what the model is, then the champion's table)."""
+    version = decision.get("version")
+    if not version:
+        return
+    name = client().get_run(run_id).info.run_name
+    text = version_description(name, metrics, decision)
+    client().update_model_version(decision["model_name"], version, description=text)
+    if "champion" in (decision.get("aliases") or []):
+        header = f"{EXPERIMENT_NOTE}\n\nChampion: version {version}."
+        client().update_registered_model(decision["model_name"], description=f"{header}\n\n{text}")
 
 
 # --- plots (pure matplotlib; logged with log_figures) ------------------------------------------

@@ -83,7 +83,7 @@ def test_pipeline_tracks_gates_and_promotes(project, capsys):
     code, first = run("register.min_worst_group_accuracy=0", json_path=project / "s1.json")
     assert code == 0
     out = capsys.readouterr().out
-    assert "per-group evaluation" in out and "mlflow ui --backend-store-uri" in out
+    assert "per-group evaluation" in out and "mlflow server --backend-store-uri sqlite:" in out
     assert first["gate"]["decision"] == "registered"
     assert first["registered"]["version"] == "1"
     assert first["registered"]["aliases"] == ["challenger", "champion"]

@@ -139,10 +139,14 @@ def test_run_logs_params_history_table_and_plots(store):
         log_fn({k: v for k, v in record.items() if k != "step"}, record["step"])
     evaluation = {
         "metrics": fake_metrics({"a": 0.75, "b": 0.5}),
-        "samples": [{"prompt": "p", "completion": "c"}],
-    }
+        "samples": [
+            {"pair_id": "p1", "group": "a", "chosen_rank": 1, "ranks_chosen_first": True,
+             "options": [{"response": "A", "text": "yes", "mark": "chosen", "reward": 0.1},
+                         {"response": "B", "text": "no", "mark": "rejected", "reward": -0.1}]}
+        ],
+    }  # fmt: skip
     table = tracking.log_results(
-        run_id, history, evaluation, "reward_accuracy", include_history=False
+        run_id, history, evaluation, "reward_accuracy", skip_steps=(1, 2, 3)
     )
     tracking.end_run(run_id)
     client = tracking.client()

@@ -251,6 +251,8 @@ def summarize(
     metric: str,
 ) -> dict[str, Any]:
     """The run summary printed by ``grpo run`` and written by ``--json`` (plain JSON types)."""
+    from tasks.tracking import ui_hint
+
     uri = tracking["tracking_uri"]
     return {
         "run_id": tracking["run_id"],
@@ -278,13 +280,8 @@ def summarize(
             "champion_reason": decision["champion_reason"],
             "champion_comparison": decision.get("champion_comparison"),
         },
-        "mlflow_ui": ui_command(uri),
+        "mlflow_ui": ui_hint(uri, tracking["experiment_id"], tracking["run_id"]),
     }
-
-
-def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
-    return f"mlflow ui --backend-store-uri {uri} --port 5000"
 
 
 def evaluation_summary(evaluation: dict[str, Any], metric: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Tasks are one-line wrappers around the stage functions in ``flows/stages.py`` (t
 only wires them. Training and evaluation are cached on content (the data's sha256, the resolved
 config and the code of ``grpo/``), with persisted results, so re-running on unchanged data and
 config skips straight to tracking. Only I/O tasks (ingest, MLflow logging) retry; training
-never does.
+never does. What the run shows in Prefect (its name, tags, a log line per stage, artifacts) is
+:mod:`flows.prefect_ui`'s.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows import stages
+from flows import prefect_ui, stages
 from flows.params import find_root, load_configs
+from flows.prefect_ui import StageClock, label_flow_run
 
 CACHED = (INPUTS - "run_id") + TASK_SOURCE
 # the run summary's `gate`: the decision and tasks.register.gate_record's keys
@@ -175,6 +177,11 @@ def end_run_task(run_id: str, status: str, failure: dict[str, Any] | None = None
     close_run(run_id, status, failure)
 
 
+@task(name="publish-artifacts", retries=2, retry_delay_seconds=2)
+def publish_artifacts_task(summary: dict[str, Any]) -> None:
+    prefect_ui.publish_artifacts(summary)
+
+
 # --- the flow ------------------------------------------------------------------------------------
 
 
@@ -199,47 +206,73 @@ def retrain(
     Returns the run summary (see :func:`summarize`). Raises :class:`StageFailed` when a stage
     fails; a failed validation stops the run before training (nothing trained or registered).
     """
+    from tasks.tracking import run_name
+
     home = find_root(root)
     params_path = Path(params_file) if Path(params_file).is_absolute() else home / params_file
     cfgs = load_configs(params_path, overrides or [])
-    resolved = cfgs.resolved()
+    method, model = cfgs.train.method, cfgs.register.model_name
+    tags = prefect_ui.flow_run_tags(method, cfgs.data.source, model)
+    label_flow_run(run_name(method, None, cfgs.train.seed), tags)
+    clock = StageClock()
     try:
-        tracking = start_run_task(str(home), cfgs.register.experiment, resolved)
+        tracking = start_run_task(str(home), cfgs.register.experiment, cfgs.resolved())
     except Exception as exc:
         raise StageFailed("tracking (MLflow)", exc) from exc
-    run_id = tracking["run_id"]
-    stage = "ingest"
     try:
-        data = ingest_task(cfgs.data, str(home))
-        record_data_task(run_id, data)
-        stage = "validate"
-        validate_task(cfgs.data, cfgs.validate, str(home))
-        stage = "train"
-        code = code_key()
-        key = content_key(data["sha256"], resolved["model"], resolved["train"], code)
-        run_dir = home / stages.RUNS_DIR / key[:16]
-        inputs = (data["path"], data["sha256"], code)  # what the cached tasks are keyed on
-        trained = train_cached(inputs, cfgs, str(run_dir / "train"), home, run_id)
-        stage = "evaluate"
-        evaluation = evaluate_task(
-            *inputs, trained, cfgs.evaluate, cfgs.model, cfgs.train.beta,
-            str(run_dir / f"evaluate-{cfgs.evaluate.split}"), str(home),
-            cfgs.data.expected_groups(), cfgs.register.confidence,
-        )  # fmt: skip
-        stages.publish_evaluation(evaluation, home)  # a cached result skipped publishing
-        stage = "tracking"
-        log_results_task(run_id, trained, evaluation, cfgs.register.metric)
-        model_uri = log_model_task(run_id, trained, cfgs.register.log_model)
-        stage = "register"
-        decision = register_task(tracking, evaluation, cfgs, model_uri, str(home))
+        results = run_stages(cfgs, home, tracking, clock)
     except BaseException as exc:
         report = str(Path(home / cfgs.validate.report_dir) / "report.json")
-        failure = stages.failure(stage, exc, report if stage == "validate" else None)
+        failure = stages.failure(clock.stage, exc, report if clock.stage == "validate" else None)
         with contextlib.suppress(Exception):  # keep the stage's error, not a tracking one
-            end_run_task(run_id, "FAILED", failure)
-        raise StageFailed(stage, exc) from exc
-    end_run_task(run_id, "FINISHED")
-    return summarize(tracking, data, trained, evaluation, decision, cfgs.register.metric)
+            end_run_task(tracking["run_id"], "FAILED", failure)
+        raise StageFailed(clock.stage, exc) from exc
+    end_run_task(tracking["run_id"], "FINISHED")
+    summary = summarize(tracking, *results, cfgs.register.metric, seed=cfgs.train.seed)
+    if publish_artifacts_task(summary, return_state=True).is_failed():  # the run stands anyway
+        prefect_ui.run_logger().warning("the Prefect artifacts could not be created")
+    return summary
+
+
+def run_stages(
+    cfgs: Any, home: Path, tracking: dict[str, str], clock: StageClock
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The stages in order, one line each when done; ``clock.stage`` names the one running.
+    Returns (data, trained, evaluation, decision)."""
+    from tasks.tracking import run_name
+
+    run_id, metric = tracking["run_id"], cfgs.register.metric
+    clock.start("ingest")
+    data = ingest_task(cfgs.data, str(home))
+    record_data_task(run_id, {"git_rev": data.get("git_rev"), **stages.ingest_record(data, home)})
+    name = run_name(cfgs.train.method, data, cfgs.train.seed)
+    label_flow_run(name)  # now that the data version is known
+    clock.done(prefect_ui.ingest_line(data))
+    clock.start("validate")
+    clock.done(prefect_ui.validate_line(validate_task(cfgs.data, cfgs.validate, str(home))))
+    clock.start("train")
+    code = code_key()
+    key = content_key(data["sha256"], cfgs.resolved()["model"], cfgs.resolved()["train"], code)
+    run_dir = home / stages.RUNS_DIR / key[:16]
+    inputs = (data["path"], data["sha256"], code)  # what the cached tasks are keyed on
+    trained = train_cached(inputs, cfgs, str(run_dir / "train"), home, run_id)
+    clock.done(prefect_ui.train_line(trained, run_id, home))
+    clock.start("evaluate")
+    evaluation = evaluate_task(
+        *inputs, trained, cfgs.evaluate, cfgs.model, cfgs.train.beta,
+        str(run_dir / f"evaluate-{cfgs.evaluate.split}"), str(home),
+        cfgs.data.expected_groups(), cfgs.register.confidence,
+    )  # fmt: skip
+    stages.publish_evaluation(evaluation, home)  # a cached result skipped publishing
+    clock.done(prefect_ui.evaluate_line(evaluation_summary(evaluation, metric)))
+    clock.start("tracking")
+    log_results_task(run_id, trained, evaluation, metric)
+    model_uri = log_model_task(run_id, trained, cfgs.register.log_model)
+    clock.done(f"MLflow run {name}: metrics, curves, tables, plots{', model' * bool(model_uri)}")
+    clock.start("register")
+    decision = register_task(tracking, evaluation, cfgs, model_uri, str(home))
+    clock.done(prefect_ui.register_line(decision))
+    return data, trained, evaluation, decision
 
 
 def summarize(
@@ -249,15 +282,21 @@ def summarize(
     evaluation: dict[str, Any],
     decision: dict[str, Any],
     metric: str,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The run summary printed by ``grpo run`` and written by ``--json`` (plain JSON types)."""
-    from tasks.tracking import ui_hint
+    from prefect.runtime import flow_run
 
-    uri = tracking["tracking_uri"]
+    from tasks import tracking as mlflow_record
+
+    uri, run_id, experiment_id = (tracking[k] for k in ("tracking_uri", "run_id", "experiment_id"))
     return {
-        "run_id": tracking["run_id"],
+        "run_id": run_id,
+        "run_name": mlflow_record.run_name(trained["method"], data, seed),
         "tracking_uri": uri,
-        "experiment_id": tracking["experiment_id"],
+        "experiment_id": experiment_id,
+        "flow_run_id": flow_run.get_id(),
         "data": {
             k: data.get(k) for k in ("source", "path", "md5", "sha256", "git_rev", "rows", "groups")
         },
@@ -265,9 +304,7 @@ def summarize(
             "method": trained["method"],
             "steps": trained["steps"],
             "model_dir": trained["model_dir"],
-            "cached": not streamed_steps(
-                trained, tracking["run_id"]
-            ),  # no step trained in this run
+            "cached": not streamed_steps(trained, run_id),  # no step trained in this run
             "final_group_weights": dict(zip(trained["groups"], trained["weights"], strict=False)),
         },
         "evaluation": evaluation_summary(evaluation, metric),
@@ -280,7 +317,8 @@ def summarize(
             "champion_reason": decision["champion_reason"],
             "champion_comparison": decision.get("champion_comparison"),
         },
-        "mlflow_ui": ui_hint(uri, tracking["experiment_id"], tracking["run_id"]),
+        "links": mlflow_record.ui_links(uri, experiment_id, run_id, decision),
+        "mlflow_ui": mlflow_record.ui_hint(uri, experiment_id, run_id),
     }
 
 

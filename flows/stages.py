@@ -187,6 +187,7 @@ def register(
     registry aliases; writes :data:`DECISION_JSON`."""
     from tasks.register import Evidence
     from tasks.register import register as gate
+    from tasks.tracking import describe_version
 
     evidence = Evidence(
         pairs_path=pairs_path(cfgs, root),
@@ -199,6 +200,7 @@ def register(
     decision = gate(
         run["run_id"], evaluation["metrics"], cfgs.register, model_uri=model_uri, evidence=evidence
     )
+    describe_version(run["run_id"], evaluation["metrics"], decision)  # the table, the decision
     write_json(
         root / DECISION_JSON,
         {"run_id": run["run_id"], "tracking_uri": run["tracking_uri"], **decision},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,15 +62,17 @@ def main(args: argparse.Namespace) -> int:
     from grpo.config import ConfigError
 
     root = prepare(verbose=args.verbose)
-    try:
-        from flows.retrain import StageFailed, retrain
-
-        server = start_local_server()  # comes up while the heavy imports below run
-        quiet_loggers(args.verbose)
-        load_configs(params_path(args.params, root), args.overrides)  # fail fast
+    params_file = params_path(args.params, root)
+    try:  # before Prefect and MLflow are imported: a typo fails in about a second
+        load_configs(params_file, args.overrides)
     except (ConfigError, ValueError) as exc:
         print(f"grpo run: error: {exc}", file=sys.stderr)
         return 2
+    from flows.retrain import StageFailed, retrain
+
+    server = start_local_server()  # comes up while the heavy imports below run
+    quiet_loggers(args.verbose)
+    show_stage_lines()
     problem = tracking_unreachable(root)
     if problem:
         print(f"grpo run: error: {problem}", file=sys.stderr)
@@ -77,21 +80,9 @@ def main(args: argparse.Namespace) -> int:
     if server is not None:
         server.join()
     try:
-        summary = retrain(
-            params_file=str(params_path(args.params, root)),
-            overrides=args.overrides,
-            root=str(root),
-        )
+        summary = retrain(params_file=str(params_file), overrides=args.overrides, root=str(root))
     except StageFailed as exc:
-        report = getattr(exc.cause, "result", None)
-        if isinstance(report, dict) and report.get("report_path"):  # DataValidationError
-            print(f"grpo run: error: stage {exc.stage} failed:\n{exc.cause}", file=sys.stderr)
-            print(
-                f"grpo run: nothing was trained or registered; report kept at {report['report_path']}",
-                file=sys.stderr,
-            )
-        else:
-            print(f"grpo run: error: {exc} (grpo run -v shows the traceback)", file=sys.stderr)
+        report_failure(exc)
         return 1
     print(format_summary(summary))
     if args.json:
@@ -99,6 +90,39 @@ def main(args: argparse.Namespace) -> int:
 
         write_json(Path(args.json), summary)
     return 0
+
+
+def report_failure(exc) -> None:
+    """A failed stage in one line (a failed validation: the report's findings and where it is)."""
+    report = getattr(exc.cause, "result", None)
+    if isinstance(report, dict) and report.get("report_path"):  # DataValidationError
+        print(f"grpo run: error: stage {exc.stage} failed:\n{exc.cause}", file=sys.stderr)
+        print(
+            f"grpo run: nothing was trained or registered; report kept at {report['report_path']}",
+            file=sys.stderr,
+        )
+    else:
+        print(f"grpo run: error: {exc} (grpo run -v shows the traceback)", file=sys.stderr)
+
+
+class StageLines(logging.Handler):
+    """Writes a record's message to the current ``sys.stdout`` (looked up at each line, so a
+    replaced stdout is followed; not print(), which the flow's log_prints turns into a log)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stdout.write(record.getMessage() + "\n")
+        sys.stdout.flush()
+
+
+def show_stage_lines() -> None:
+    """The flow's one line per finished stage (logger ``grpo.stages``) on stdout, bare."""
+    from flows.prefect_ui import STAGE_LOGGER
+
+    logger = logging.getLogger(STAGE_LOGGER)
+    if not any(isinstance(h, StageLines) for h in logger.handlers):
+        logger.addHandler(StageLines())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def tracking_unreachable(root: Path) -> str | None:

@@ -137,10 +137,12 @@ def score_samples(
 
 
 def sample_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A flat table of the samples: one row per (pair, option), for MLflow's table view."""
+    """A flat table of the samples: one row per (pair, option), for MLflow's table view (the
+    prompt and, with ``evaluate.generate``, the policy's completion repeated on each row)."""
     return [
-        {"pair_id": s["pair_id"], "group": s["group"], **option,
-         "chosen_rank": s["chosen_rank"], "ranks_chosen_first": s["ranks_chosen_first"]}
+        {"pair_id": s["pair_id"], "group": s["group"], "prompt": s["prompt"], **option,
+         "chosen_rank": s["chosen_rank"], "ranks_chosen_first": s["ranks_chosen_first"],
+         **({"completion": s["completion"]} if "completion" in s else {})}
         for s in samples
         for option in s["options"]
     ]  # fmt: skip

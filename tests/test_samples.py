@@ -95,3 +95,4 @@ def test_scored_options_match_the_data_and_a_naive_forward():
     # the flat table: one row per option
     rows = sample_rows(samples)
     assert len(rows) == 4 + 4 + 2 and rows[0]["pair_id"] == "x-1"
+    assert rows[0]["prompt"] == by_id.loc["x-1", "prompt"] and rows[-1]["response"] == "go away"

@@ -65,7 +65,11 @@ def scoring_params(name: str, version: str | int, run: Any) -> dict[str, Any]:
 def download_version(name: str, version: str | int, dest: Path) -> tuple[Path, Path]:
     """(policy folder, reference folder) of ``version`` under ``dest``, each loadable with
     ``grpo.modeling.load_pretrained`` (the policy's tokenizer copied beside its weights)."""
+    import os
+
     import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars on stderr
 
     run = version_run(name, version)
     if not has_reference(run.info.run_id):

@@ -185,4 +185,7 @@ def test_ingest_cli_writes_the_stable_record_and_reports_errors(tmp_path, capsys
     assert cli(["ingest", "--set", "data.source=nope"]) == 2
     assert "source: must be one of" in capsys.readouterr().err
     assert cli(["ingest", "--set", "data.generated.typo=1"]) == 2
-    assert "unknown key(s) ['typo']" in capsys.readouterr().err
+    assert (
+        "--set data.generated.typo=1: unknown key 'typo' in data.generated"
+        in capsys.readouterr().err
+    )

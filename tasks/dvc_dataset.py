@@ -38,6 +38,7 @@ class DVCDatasetSource(DatasetSource):
         import dvc.api
 
         target = Path(dst_path or tempfile.mkdtemp()) / Path(self.path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
         with dvc.api.open(self.path, rev=self.rev, mode="rb") as src, target.open("wb") as dst:
             shutil.copyfileobj(src, dst)
         return str(target)

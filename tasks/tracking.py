@@ -355,7 +355,9 @@ def log_dataset_inputs(run_id: str, data: Mapping[str, Any], eval_split: str) ->
     ``pairs-<eval_split>`` (``evaluation``), digest = the DVC md5 (36 characters, MLflow's
     limit; the sha256's first 32 hex digits for untracked data), source = the DVC-tracked file
     (:class:`tasks.dvc_dataset.DVCDatasetSource`), schema = the canonical columns. MLflow
-    keeps one input per dataset and run, hence one dataset per split."""
+    keeps one input per dataset and run, hence one dataset per split; and one dataset per name
+    and digest in an experiment, so a later run on the same data version shares the source
+    (git revision included) of the first run that logged it."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.types import ColSpec, DataType, Schema

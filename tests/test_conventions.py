@@ -60,6 +60,26 @@ def test_experiment_run_name_and_dataset_inputs(store):
     assert client.get_experiment(run["experiment_id"]).tags["mlflow.experimentKind"]
 
 
+def test_the_dvc_source_reads_the_file_back_at_its_revision(tmp_path, monkeypatch):
+    from dvc.repo import Repo
+
+    from tasks.dvc_dataset import DVCDatasetSource
+    from tests.test_data_dvc import git, make_repo
+
+    repo = make_repo(tmp_path / "repo")
+    (repo / "data").mkdir()
+    (repo / "data" / "pairs.parquet").write_bytes(b"version 1")
+    with Repo(str(repo)) as dvc_repo:
+        dvc_repo.add([str(repo / "data")])
+    git(repo, "add", "data.dvc", ".gitignore")
+    git(repo, "commit", "-q", "-m", "data v1")
+    rev = git(repo, "rev-parse", "HEAD")
+    (repo / "data" / "pairs.parquet").write_bytes(b"version 2")  # the workspace moved on
+    monkeypatch.chdir(repo)
+    source = DVCDatasetSource("data/pairs.parquet", rev, "data.dvc", None)
+    assert Path(source.load(str(tmp_path / "out"))).read_bytes() == b"version 1"
+
+
 def test_untracked_data_is_named_by_its_sha256():
     from tasks.tracking import data_version, run_name
 

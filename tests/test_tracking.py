@@ -140,7 +140,7 @@ def test_run_logs_params_history_table_and_plots(store):
     evaluation = {
         "metrics": fake_metrics({"a": 0.75, "b": 0.5}),
         "samples": [
-            {"pair_id": "p1", "group": "a", "chosen_rank": 1, "ranks_chosen_first": True,
+            {"pair_id": "p1", "group": "a", "prompt": "p", "chosen_rank": 1, "ranks_chosen_first": True,
              "options": [{"response": "A", "text": "yes", "mark": "chosen", "reward": 0.1},
                          {"response": "B", "text": "no", "mark": "rejected", "reward": -0.1}]}
         ],

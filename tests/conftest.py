@@ -28,6 +28,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts with one torch thread, whatever the test before it set."""
+    torch.set_num_threads(1)
+    yield
+
+
 # --------------------------------------------------------------------------- make services
 
 

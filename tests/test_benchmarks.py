@@ -18,15 +18,6 @@ GOQA = default_goqa_dir() / "goqa_subset.json"
 needs_goqa = pytest.mark.skipif(not GOQA.exists(), reason=f"{GOQA} not present")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two fighting for a shared core; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_window_rates_by_hand():
     # steps end at t = 1, 2, 3, 5, 7, 9, 11; 1 warm-up step, windows of 2 steps, 4 pairs/step:
     # window 1 = steps 1-2, from t=1 to t=3: 8 pairs / 2 s; then t=3→7 and t=7→11: 8 / 4 s.

@@ -6,20 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from grpo.trainer import TrainConfig, train
 from tests.trainer_helpers import small_pairs, tiny_model_cfg
 
 STEPS = 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

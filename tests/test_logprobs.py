@@ -28,15 +28,6 @@ VOCAB = 50
 PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster, and steady on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = GPT2Config(

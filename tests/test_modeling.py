@@ -31,15 +31,6 @@ LLAMA = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster, and steady on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
     a, b = train_tokenizer(TEXTS, 320), train_tokenizer(TEXTS, 320)
     assert a.get_vocab() == b.get_vocab()

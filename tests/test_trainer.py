@@ -16,15 +16,6 @@ from grpo.trainer import PreferenceTrainer, TrainConfig, encode_frame, group_ind
 from tests.trainer_helpers import load_policy_state, small_pairs, tiny_model_cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster, and steady on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup():
     df = small_pairs(150, seed=0)

@@ -25,14 +25,6 @@ from tests.trainer_helpers import small_pairs, tiny_model_cfg
 BETA, B = 0.1, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def naive_logp(model, prompt: list[int], response: list[int]) -> torch.Tensor:
     """Σ_t log p(response_t | prompt, response_<t) from one full forward pass (no cache)."""
     ids = torch.tensor([prompt + response])

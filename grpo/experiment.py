@@ -219,34 +219,19 @@ def _reference(
     return folder, {**info, "made": True}
 
 
-def _encode(frame: pd.DataFrame, tokenizer, model_cfg: Any):
-    from grpo.logprobs import encode_pairs
-
-    return encode_pairs(
-        tokenizer,
-        frame["prompt"].tolist(),
-        frame["chosen"].tolist(),
-        frame["rejected"].tolist(),
-        max_prompt_tokens=model_cfg.max_prompt_tokens,
-        max_response_tokens=model_cfg.max_response_tokens,
-        groups=frame["group"].astype(str).tolist(),
-        pair_ids=frame["pair_id"].astype(str).tolist(),
-    )
-
-
 def _test_reference(
     reference: Path, test: pd.DataFrame, model_cfg: Any, train_cfg: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_ref of the test pairs (N,) each, scored once per seed (cached beside the reference)."""
     from grpo.distributed import DistInfo
     from grpo.modeling import load_pretrained, resolve_device
-    from grpo.trainer import LOGPS_DIR, reference_logps
+    from grpo.trainer import LOGPS_DIR, encode_frame, reference_logps
 
     model, tokenizer, _ = load_pretrained(reference, model_cfg.device)
     tokenizer.padding_side = model_cfg.padding_side
     device = resolve_device(model_cfg.device)
     return reference_logps(
-        model, _encode(test, tokenizer, model_cfg), train_cfg,
+        model, encode_frame(test, tokenizer, model_cfg), train_cfg,
         cache=reference / LOGPS_DIR, dist_info=DistInfo(), pad_token_id=tokenizer.pad_token_id,
         padding_side=model_cfg.padding_side, device=device, dtype=model_cfg.dtype,
     )  # fmt: skip
@@ -301,13 +286,14 @@ def score_test(
     from grpo.evaluation import pair_metrics
     from grpo.logprobs import SequenceScorer, score_pairs
     from grpo.modeling import autocast, load_pretrained
+    from grpo.trainer import encode_frame
 
     policy, tokenizer, _ = load_pretrained(policy_dir, model_cfg.device)
     tokenizer.padding_side = model_cfg.padding_side
     device = next(policy.parameters()).device
     scorer = SequenceScorer(policy, train_cfg.fast_logprobs, train_cfg.shared_prompt)
     policy_c, policy_r = score_pairs(
-        scorer, _encode(test, tokenizer, model_cfg), pad_token_id=tokenizer.pad_token_id,
+        scorer, encode_frame(test, tokenizer, model_cfg), pad_token_id=tokenizer.pad_token_id,
         batch_size=train_cfg.eval_batch_size, padding_side=model_cfg.padding_side,
         device=device, autocast=autocast(device, model_cfg.dtype),
     )  # fmt: skip

@@ -515,10 +515,7 @@ def train(
     val_df = pairs[pairs["split"] == "validation"].reset_index(drop=True)
     if train_df.empty:
         raise ValueError("pairs table: no rows with split == 'train'")
-    dist_info = init_distributed(model_cfg.device)
-    device = resolve_device(model_cfg.device)
-    if device.type == "cuda" and dist_info.active:
-        device = torch.device("cuda", dist_info.local_rank)
+    dist_info, device = _process_device(model_cfg)
     try:
         return _train(
             train_df, val_df, model_cfg, train_cfg, Path(out_dir),
@@ -528,6 +525,16 @@ def train(
     finally:
         if dist_info.started_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _process_device(model_cfg: ModelConfig) -> tuple[DistInfo, torch.device]:
+    """Join the process group (under ``torchrun``) and pick this process's device (its own GPU
+    under DDP on CUDA)."""
+    dist_info = init_distributed(model_cfg.device)
+    device = resolve_device(model_cfg.device)
+    if device.type == "cuda" and dist_info.active:
+        device = torch.device("cuda", dist_info.local_rank)
+    return dist_info, device
 
 
 def prepare_reference(
@@ -544,10 +551,7 @@ def prepare_reference(
     train_df = pairs[pairs["split"] == "train"].reset_index(drop=True)
     if train_df.empty:
         raise ValueError("pairs table: no rows with split == 'train'")
-    dist_info = init_distributed(model_cfg.device)
-    device = resolve_device(model_cfg.device)
-    if device.type == "cuda" and dist_info.active:
-        device = torch.device("cuda", dist_info.local_rank)
+    dist_info, device = _process_device(model_cfg)
     out_dir = Path(out_dir)
     try:
         _prepare_out_dir(out_dir, False, dist_info)

@@ -391,9 +391,13 @@ def record_results(
     logged_steps: Collection[int] = (),
 ) -> None:
     """Training history (but the ``logged_steps`` that training streamed into this run),
-    evaluation, table, plots, samples, and the ``train.steps`` / ``eval.split`` tags."""
+    evaluation, table, plots, samples, and the ``train.steps`` / ``eval.split`` tags; the
+    ``train.alpha_collapse`` tag when α collapsed onto one group (the trainer's warning)."""
     log_results(run_id, trained["history"], evaluation, metric, skip_steps=logged_steps)
-    set_tags(run_id, {"train.steps": trained["steps"], "eval.split": evaluation["split"]})
+    tags = {"train.steps": trained["steps"], "eval.split": evaluation["split"]}
+    if trained.get("collapse"):
+        tags["train.alpha_collapse"] = trained["collapse"]["message"]
+    set_tags(run_id, tags)
 
 
 def close_run(run_id: str, status: str, failure: Mapping[str, Any] | None = None) -> None:

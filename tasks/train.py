@@ -54,6 +54,7 @@ def train(
         "steps": int(result.steps),
         "stopped_early": bool(result.stopped_early),
         "best": dict(result.best),
+        "collapse": result.collapse,  # the first step α put > 0.99 on one group, or None
         "history": [dict(h) for h in result.history],
     }
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes files

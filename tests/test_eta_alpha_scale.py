@@ -76,3 +76,42 @@ def test_dpo_effective_groups_are_those_of_the_pooled_weights(pairs, tmp_path):
     want = math.exp(-(share * [math.log(s) for s in share]).sum())
     for record in result.history:
         assert record["train/effective_groups"] == pytest.approx(want, rel=1e-12)
+
+
+def test_effective_groups_and_the_collapse_tag_reach_mlflow(pairs, tmp_path, monkeypatch):
+    """The metric streams to the run every step; the warning becomes the run's tag."""
+    import mlflow
+
+    from grpo.data import write_pairs
+    from tasks import tracking
+    from tasks.train import train as train_stage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, experiment_id = tracking.setup(tmp_path, "eta-scale")
+    run_id = tracking.start_run(experiment_id)
+    data = write_pairs(pairs, tmp_path / "pairs.jsonl")
+    settings = {
+        "method": "gr-ipo", "beta": 0.01, "eta_alpha": 200.0, "batch_size": 8, "epochs": 0,
+        "max_steps": STEPS, "eval_every": 0, "keep_best": False, "early_stop_patience": 0,
+        "sft_epochs": 0, "checkpoint_every": 0, "progress": False,
+    }  # fmt: skip
+    trained = train_stage(
+        data, tiny_model_cfg(), TrainConfig(**settings), tmp_path / "train",
+        log_fn=tracking.metric_logger(run_id),
+    )  # fmt: skip
+    evaluation = {  # a stand-in: this test is about the training record
+        "metrics": {f"eval/group/{g}/reward_accuracy": 0.5 for g in trained["groups"]},
+        "split": "test",
+    }
+    tracking.record_results(
+        run_id, trained, evaluation, "reward_accuracy", logged_steps=range(1, STEPS + 1)
+    )
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(run_id, "train/effective_groups")
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+    assert history[0].value == pytest.approx(3.0)  # uniform α at step 1
+    assert [m.value for m in history] == pytest.approx(
+        [h["train/effective_groups"] for h in trained["history"]]
+    )
+    tag = client.get_run(run_id).data.tags["train.alpha_collapse"]
+    assert tag == trained["collapse"]["message"] and "train.eta_alpha=" in tag

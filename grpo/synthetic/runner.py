@@ -254,35 +254,76 @@ def _columns(methods: list[Method]) -> list[Method]:
     return sorted(methods, key=key)
 
 
-def _run_all(
-    methods: list[Method],
-    segments: list[_Segment],
-    datasets: list[DataSet],
-    cfg: SyntheticConfig,
-    tick: Callable[[int], None],
-) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-    """Train every (data set, method) run in one loop; returns results per (scenario, method)."""
-    ft, k = cfg.feature_type, NUM_GROUPS
-    cols = _columns(methods)
-    n_dpo = sum(m.loss == "dpo" for m in cols)
-    r0 = sum(m.loss == "dpo" and not m.robust for m in cols)  # first robust column
-    r1 = r0 + sum(m.robust for m in cols)  # end of the robust columns
-    n_cols = len(cols)
-    d_train = torch.stack([ds.train.delta_phi(ft) for ds in datasets])  # (S, N, d)
-    d_train_t = d_train.transpose(1, 2).contiguous()
-    g_train = torch.stack([ds.train.groups for ds in datasets]).unsqueeze(1)  # (S, 1, N)
-    d_val_t = torch.stack([ds.val.delta_phi(ft) for ds in datasets]).transpose(1, 2).contiguous()
-    g_val = torch.stack([ds.val.groups for ds in datasets]).unsqueeze(1)
-    sizes = group_counts(g_train, k)  # (S, 1, K)
-    n_pairs = d_train.shape[1]
+@dataclass(frozen=True)
+class _Layout:
+    """Where each kind of run sits among the columns, so every block is a slice (see _columns)."""
 
-    hyper = torch.zeros(len(datasets), n_cols, 3, dtype=torch.float64)
+    cols: list[Method]
+    n_dpo: int  # DPO columns are [0, n_dpo), IPO ones [n_dpo, M)
+    r0: int  # robust columns are [r0, r1)
+    r1: int
+
+    @classmethod
+    def of(cls, methods: list[Method]) -> _Layout:
+        cols = _columns(methods)
+        n_dpo = sum(m.loss == "dpo" for m in cols)
+        r0 = sum(m.loss == "dpo" and not m.robust for m in cols)  # first robust column
+        r1 = r0 + sum(m.robust for m in cols)  # end of the robust columns
+        return cls(cols, n_dpo, r0, r1)
+
+
+@dataclass(frozen=True)
+class _Data:
+    """Every data set's pairs stacked into batch tensors (float64, as the data sets hold them)."""
+
+    d_train: torch.Tensor  # Δφ, (S, N, d)
+    g_train: torch.Tensor  # groups, (S, 1, N)
+    d_val_t: torch.Tensor  # validation Δφ transposed and contiguous, (S, d, N_val)
+    g_val: torch.Tensor  # (S, 1, N_val)
+    sizes: torch.Tensor  # training pairs per group N_g, (S, 1, K)
+
+    @classmethod
+    def stack(cls, datasets: list[DataSet], feature_type: str) -> _Data:
+        d_train = torch.stack([ds.train.delta_phi(feature_type) for ds in datasets])
+        g_train = torch.stack([ds.train.groups for ds in datasets]).unsqueeze(1)
+        d_val = torch.stack([ds.val.delta_phi(feature_type) for ds in datasets])
+        g_val = torch.stack([ds.val.groups for ds in datasets]).unsqueeze(1)
+        sizes = group_counts(g_train, NUM_GROUPS)
+        return cls(d_train, g_train, d_val.transpose(1, 2).contiguous(), g_val, sizes)
+
+
+def _hyper_tensors(
+    segments: list[_Segment], cols: list[Method], n_sets: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each run's scenario hyperparameters as tensors, so one batched step serves every scenario.
+
+    Returns η_θ, β, η_α, each (S, M, 1) float64.
+    """
+    hyper = torch.zeros(n_sets, len(cols), 3, dtype=torch.float64)
     for seg in segments:
         for j, m in enumerate(cols):
             h = seg.scenario.hyper(m.loss)
             hyper[seg.start : seg.stop, j] = torch.tensor([h.eta_theta, h.beta, h.eta_alpha])
     eta_theta, beta, eta_alpha = (hyper[..., i : i + 1].contiguous() for i in range(3))
-    alpha = torch.cat([_initial_weights(m, sizes) for m in cols], dim=1)  # (S, M, K)
+    return eta_theta, beta, eta_alpha
+
+
+def _initial_state(
+    data: _Data,
+    layout: _Layout,
+    theta0: torch.Tensor,
+    hyper: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    alpha: torch.Tensor,
+    cfg: SyntheticConfig,
+) -> dict[str, torch.Tensor]:
+    """The tensors a step reads and updates, each block of columns its own contiguous tensor.
+
+    theta0 (S, d); alpha (S, M, K) holds α_0 (the fixed weights in fixed-weight columns).
+    """
+    eta_theta, beta, eta_alpha = hyper
+    n_dpo, r0, r1, k = layout.n_dpo, layout.r0, layout.r1, NUM_GROUPS
+    d_train, g_train, sizes = data.d_train, data.g_train, data.sizes
+    n_pairs = d_train.shape[1]
     coef = pair_coefficients(weights_of(alpha, r0, r1, cfg.chi), g_train, sizes, n_pairs)
     # Full batch, so the group-loss estimator and the pair coefficients are linear maps given by
     # pair_coefficients itself: row g of ``member`` (w = e_g) is 1{g(i)=g}/N_g, i.e. ℓ @ memberᵀ
@@ -290,16 +331,16 @@ def _run_all(
     # ``inv_sizes`` (w = 1 per group) is 1/N_g, the IPO solve's c_g = w_g/N_g.
     member = pair_coefficients(torch.eye(k, dtype=torch.float64), g_train, sizes, n_pairs)
     inv_sizes = pair_coefficients(torch.ones(k, dtype=torch.float64), _GROUP_IDS, sizes, n_pairs)
-    theta = torch.stack([ds.theta0 for ds in datasets]).unsqueeze(1).repeat(1, n_cols, 1)
+    theta = theta0.unsqueeze(1).repeat(1, len(layout.cols), 1)
     gram, sums = group_moments(d_train, g_train.squeeze(1), k)
     dt = getattr(torch, cfg.dtype)
-    s_all, d = len(datasets), d_train.shape[-1]
+    s_all, d = d_train.shape[0], d_train.shape[-1]
     # One gradient step θ ← θ − η_θ ∇ with ∇ = −β Σ_i c_i σ(−βh_i)Δφ_i is θ += Σ_i (η_θ β c_i)
     # σ(−βh_i) Δφ_i: the constant η_θ β is folded into the coefficients once.
     step_scale = (eta_theta * beta)[:, :n_dpo]
-    state = {
+    return {
         "d": d_train.to(dt),
-        "d_t": d_train_t.to(dt),
+        "d_t": d_train.transpose(1, 2).contiguous().to(dt),
         "member": member.to(dt),
         "member_t": member.transpose(1, 2).contiguous().to(dt),
         "inv_sizes": inv_sizes.to(dt),
@@ -317,29 +358,56 @@ def _run_all(
         "eta_alpha_rob": eta_alpha[:, r0:r1].contiguous(),
         "weights_ipo_fixed": alpha[:, r1:].contiguous(),  # fixed columns keep w in α
     }
-    beta_val = beta.to(dt)
 
-    def full_theta() -> torch.Tensor:
-        return torch.cat([state["theta_dpo"], state["theta_ipo"]], dim=1).to(torch.float64)
 
-    def full_alpha() -> torch.Tensor:
-        a = alpha.clone()
-        a[:, r0:r1] = state["alpha_rob"]
-        return a
+@dataclass(frozen=True)
+class _Validation:
+    """The validation pairs in the sweep's dtype, to record every run's validation curve."""
 
-    def val_group_losses(start: int) -> torch.Tensor:
-        h = margins(torch.cat([state["theta_dpo"], state["theta_ipo"]], 1)[start:], d_val_t[start:])
+    d_t: torch.Tensor  # (S, d, N_val)
+    groups: torch.Tensor  # (S, 1, N_val)
+    beta: torch.Tensor  # (S, M, 1)
+
+    def group_losses(self, state: dict[str, torch.Tensor], start: int, n_dpo: int) -> torch.Tensor:
+        """Per-group validation loss of the active data sets [start:]: (S_act, M, K)."""
+        theta = torch.cat([state["theta_dpo"], state["theta_ipo"]], 1)[start:]
+        h = margins(theta, self.d_t[start:])
         pair = torch.cat(
             [
-                dpo_loss(h[:, :n_dpo], beta_val[start:, :n_dpo]),
-                ipo_loss(h[:, n_dpo:], beta_val[start:, n_dpo:]),
+                dpo_loss(h[:, :n_dpo], self.beta[start:, :n_dpo]),
+                ipo_loss(h[:, n_dpo:], self.beta[start:, n_dpo:]),
             ],
             dim=1,
         )
-        return group_means(pair, g_val[start:], k)
+        return group_means(pair, self.groups[start:], NUM_GROUPS)
 
-    d_val_t = d_val_t.to(dt)
-    records: list[tuple[int, int, torch.Tensor]] = []  # (t, start, val group losses (S_act, M, K))
+
+def _final(
+    state: dict[str, torch.Tensor], alpha0: torch.Tensor, layout: _Layout, cfg: SyntheticConfig
+) -> dict[str, torch.Tensor]:
+    """Every data set's θ (float64) and θ-step weights w now, for the segments that just finished."""
+    theta = torch.cat([state["theta_dpo"], state["theta_ipo"]], dim=1).to(torch.float64)
+    alpha = alpha0.clone()  # fixed-weight columns never change; robust ones live in the state
+    alpha[:, layout.r0 : layout.r1] = state["alpha_rob"]
+    return {"theta": theta, "weights": weights_of(alpha, layout.r0, layout.r1, cfg.chi)}
+
+
+_Records = list[tuple[int, int, torch.Tensor]]  # (t, start, val group losses (S_act, M, K))
+
+
+def _loop(
+    state: dict[str, torch.Tensor],
+    alpha0: torch.Tensor,
+    layout: _Layout,
+    segments: list[_Segment],
+    validation: _Validation,
+    cfg: SyntheticConfig,
+    tick: Callable[[int], None],
+) -> tuple[_Records, dict[int, dict[str, torch.Tensor]]]:
+    """Step every run until its scenario's iteration count, recording validation losses on the
+    way; returns the records and each segment's final θ and weights (keyed by its start)."""
+    n_dpo, r0, r1 = layout.n_dpo, layout.r0, layout.r1
+    records: _Records = []
     finals: dict[int, dict[str, torch.Tensor]] = {}
     total = max(seg.iterations for seg in segments)
     pending = sorted(segments, key=lambda s: s.iterations)
@@ -352,14 +420,12 @@ def _run_all(
     for t in range(total + 1):
         # After t steps: record, then let the segments that are done leave the batch.
         if t in to_record:
-            records.append((t, start, val_group_losses(start)))
+            records.append((t, start, validation.group_losses(state, start, n_dpo)))
             tick(t)
         while pending and pending[0].iterations == t:
             seg = pending.pop(0)
-            finals[seg.start] = {
-                "theta": full_theta()[seg.start : seg.stop],
-                "weights": weights_of(full_alpha(), r0, r1, cfg.chi)[seg.start : seg.stop],
-            }
+            now = _final(state, alpha0, layout, cfg)
+            finals[seg.start] = {key: val[seg.start : seg.stop] for key, val in now.items()}
         if not pending:
             break
         if pending[0].start != start:  # the rest take step t + 1 without the finished ones
@@ -368,7 +434,17 @@ def _run_all(
         if t == 0:
             v.solve_fixed_ipo()  # fixed weights: one solve gives the optimum
         v.step()
+    return records, finals
 
+
+def _collect(
+    segments: list[_Segment],
+    cols: list[Method],
+    records: _Records,
+    finals: dict[int, dict[str, torch.Tensor]],
+    cfg: SyntheticConfig,
+) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """Cut the batch's records back into one result per (scenario, method)."""
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for seg in segments:
         steps = record_steps(seg.iterations, cfg.record_every)
@@ -383,6 +459,26 @@ def _run_all(
                 "weights": final["weights"][:, j],
             }
     return out
+
+
+def _run_all(
+    methods: list[Method],
+    segments: list[_Segment],
+    datasets: list[DataSet],
+    cfg: SyntheticConfig,
+    tick: Callable[[int], None],
+) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """Train every (data set, method) run in one loop; returns results per (scenario, method)."""
+    layout = _Layout.of(methods)
+    data = _Data.stack(datasets, cfg.feature_type)
+    hyper = _hyper_tensors(segments, layout.cols, len(datasets))
+    alpha = torch.cat([_initial_weights(m, data.sizes) for m in layout.cols], dim=1)  # (S, M, K)
+    theta0 = torch.stack([ds.theta0 for ds in datasets])
+    state = _initial_state(data, layout, theta0, hyper, alpha, cfg)
+    dt = getattr(torch, cfg.dtype)
+    validation = _Validation(data.d_val_t.to(dt), data.g_val, hyper[1].to(dt))
+    records, finals = _loop(state, alpha, layout, segments, validation, cfg, tick)
+    return _collect(segments, layout.cols, records, finals, cfg)
 
 
 def weights_of(alpha: torch.Tensor, r0: int, r1: int, chi: float) -> torch.Tensor:

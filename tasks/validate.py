@@ -92,25 +92,11 @@ def validate(
         path = path / PAIRS_FILE
     report_dir = Path(cfg.report_dir)
     started = time.time()
-    result: dict[str, Any] = {
-        "success": False,
-        "file": str(path),
-        "report_path": str(report_dir / "report.json"),
-        "docs_path": None,
-        "failures": [],
-        "groups": list(groups) if groups else None,
-        "rows": 0,
-        "expectations": 0,
-    }
+    result = _empty_result(path, groups, report_dir)
     try:
         pairs, source_frame, groups = read_table(path, groups, result)
     except DataFormatError as exc:
-        result["failures"] = [
-            {"table": "file", "expectation": "readable_canonical_table", "column": None,
-             "failing_rows": None, "rows": None, "examples": [], "message": str(exc)}
-        ]  # fmt: skip
-        _write_report(result, report_dir, started)
-        raise DataValidationError(format_report(result), result) from None
+        raise _unreadable(result, exc, report_dir, started) from None
     result["groups"], result["rows"] = groups, len(pairs)
     tables = checked_tables(pairs, groups, path, source_path, source_frame, result)
 
@@ -125,6 +111,34 @@ def validate(
     if not result["success"]:
         raise DataValidationError(format_report(result), result)
     return result
+
+
+def _empty_result(
+    path: Path, groups: list[str] | tuple[str, ...] | None, report_dir: Path
+) -> dict[str, Any]:
+    """The result before any check ran, so an unreadable file gets a report of the same shape."""
+    return {
+        "success": False,
+        "file": str(path),
+        "report_path": str(report_dir / "report.json"),
+        "docs_path": None,
+        "failures": [],
+        "groups": list(groups) if groups else None,
+        "rows": 0,
+        "expectations": 0,
+    }
+
+
+def _unreadable(
+    result: dict[str, Any], exc: DataFormatError, report_dir: Path, started: float
+) -> DataValidationError:
+    """A file no suite can run on fails as one expectation naming the file, line and field."""
+    result["failures"] = [
+        {"table": "file", "expectation": "readable_canonical_table", "column": None,
+         "failing_rows": None, "rows": None, "examples": [], "message": str(exc)}
+    ]  # fmt: skip
+    _write_report(result, report_dir, started)
+    return DataValidationError(format_report(result), result)
 
 
 def read_table(
@@ -206,66 +220,112 @@ def group_split_counts(pairs: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
 
 def build_expectations(table: str, groups: list[str], cfg: ValidateConfig) -> list:
     """The expectations for one of the three tables (GX objects)."""
+    if table == "pairs":
+        return (
+            _column_expectations()
+            + _membership_expectations(groups)
+            + _uniqueness_expectations()
+            + _text_expectations(cfg)
+        )
+    if table == "group_splits":
+        return _group_split_expectations(cfg)
+    return _share_expectations(cfg)
+
+
+def _column_expectations() -> list:
+    """Every canonical column is present and never null: the later checks and training need them."""
     import great_expectations.expectations as gxe
 
-    if table == "pairs":
-        exps = []
-        for col in COLUMNS:
-            exps.append(gxe.ExpectColumnToExist(column=col, description=f"column {col} exists"))
-            exps.append(
-                gxe.ExpectColumnValuesToNotBeNull(column=col, description=f"{col} is never null")
+    exps = []
+    for col in COLUMNS:
+        exps.append(gxe.ExpectColumnToExist(column=col, description=f"column {col} exists"))
+        exps.append(
+            gxe.ExpectColumnValuesToNotBeNull(column=col, description=f"{col} is never null")
+        )
+    return exps
+
+
+def _membership_expectations(groups: list[str]) -> list:
+    """Group and split take known values: a stray group or split would be silently ignored."""
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToBeInSet(
+            column="group",
+            value_set=groups,
+            description="group is one of the configured groups",
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="split",
+            value_set=list(SPLITS),
+            description="split is train, validation or test",
+        ),
+    ]
+
+
+def _uniqueness_expectations() -> list:
+    """No pair counts twice and no question sits in two splits (duplicates and leaks skew losses)."""
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToBeUnique(column="pair_id", description="pair_id is unique"),
+        gxe.ExpectCompoundColumnsToBeUnique(
+            column_list=["group", "prompt", "chosen", "rejected"],
+            description="no duplicate pairs (same group, prompt, chosen and rejected)",
+        ),
+        gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord(
+            column_list=["chosen", "rejected"], description="chosen differs from rejected"
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="question_splits",
+            max_value=1,
+            description="no question_id appears in two splits",
+        ),
+    ]
+
+
+def _text_expectations(cfg: ValidateConfig) -> list:
+    """Prompt and responses are non-blank and within the configured lengths (the model's input)."""
+    import great_expectations.expectations as gxe
+
+    exps = []
+    for col in RESPONSE_COLUMNS:
+        top = cfg.max_prompt_chars if col == "prompt" else cfg.max_response_chars
+        exps.append(
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column=col,
+                min_value=1,
+                max_value=top,
+                description=f"{col} has 1 to {top} characters",
             )
-        exps += [
-            gxe.ExpectColumnValuesToBeInSet(
-                column="group",
-                value_set=groups,
-                description="group is one of the configured groups",
-            ),
-            gxe.ExpectColumnValuesToBeInSet(
-                column="split",
-                value_set=list(SPLITS),
-                description="split is train, validation or test",
-            ),
-            gxe.ExpectColumnValuesToBeUnique(column="pair_id", description="pair_id is unique"),
-            gxe.ExpectCompoundColumnsToBeUnique(
-                column_list=["group", "prompt", "chosen", "rejected"],
-                description="no duplicate pairs (same group, prompt, chosen and rejected)",
-            ),
-            gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord(
-                column_list=["chosen", "rejected"], description="chosen differs from rejected"
-            ),
-            gxe.ExpectColumnValuesToBeBetween(
-                column="question_splits",
-                max_value=1,
-                description="no question_id appears in two splits",
-            ),
-        ]
-        for col in RESPONSE_COLUMNS:
-            top = cfg.max_prompt_chars if col == "prompt" else cfg.max_response_chars
-            exps.append(
-                gxe.ExpectColumnValueLengthsToBeBetween(
-                    column=col,
-                    min_value=1,
-                    max_value=top,
-                    description=f"{col} has 1 to {top} characters",
-                )
+        )
+        exps.append(
+            gxe.ExpectColumnValuesToMatchRegex(
+                column=col, regex=r"\S", description=f"{col} is not blank"
             )
-            exps.append(
-                gxe.ExpectColumnValuesToMatchRegex(
-                    column=col, regex=r"\S", description=f"{col} is not blank"
-                )
-            )
-        return exps
-    if table == "group_splits":
-        return [
-            gxe.ExpectColumnValuesToBeBetween(
-                column="pairs",
-                min_value=cfg.min_pairs_per_split,
-                description=(
-                    f"every configured group has at least {cfg.min_pairs_per_split} pairs in every split"
-                ),
-            )
-        ]
+        )
+    return exps
+
+
+def _group_split_expectations(cfg: ValidateConfig) -> list:
+    """Every configured group has pairs in every split: a group's metrics need all three."""
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="pairs",
+            min_value=cfg.min_pairs_per_split,
+            description=(
+                f"every configured group has at least {cfg.min_pairs_per_split} pairs in every split"
+            ),
+        )
+    ]
+
+
+def _share_expectations(cfg: ValidateConfig) -> list:
+    """A distributional source's shares form a distribution over its options (pairs come from it)."""
+    import great_expectations.expectations as gxe
+
     tol = cfg.share_tolerance
     return [
         gxe.ExpectColumnValuesToNotBeNull(
@@ -304,44 +364,60 @@ def run_suites(
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     if docs_dir is not None:
-        docs_dir.mkdir(parents=True, exist_ok=True)
-        context.add_data_docs_site(
-            site_name="grpo",
-            site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir.resolve()),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
+        _add_docs_site(context, docs_dir)
     source = context.data_sources.add_pandas("grpo")
     outcomes = []
     for name, frame in tables.items():
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
-        suite = context.suites.add(gx.ExpectationSuite(name=name))
-        for exp in build_expectations(name, groups, cfg):
-            suite.add_expectation(exp)
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=batch, suite=suite)
-        )
-        checkpoint = context.checkpoints.add(
-            gx.Checkpoint(
-                name=f"check_{name}",
-                validation_definitions=[definition],
-                actions=[],  # Data Docs are built once below, for all tables
-                result_format={
-                    "result_format": "SUMMARY",
-                    "partial_unexpected_count": cfg.examples,
-                },
-            )
-        )
-        run = checkpoint.run(batch_parameters={"dataframe": frame.reset_index(drop=True)})
-        for validation in run.run_results.values():
-            outcomes += [_outcome(name, r, frame, cfg.examples) for r in validation.results]
+        outcomes += _run_suite(context, source, name, frame, groups, cfg)
     if docs_dir is not None:
         context.build_data_docs(site_names=["grpo"])
+    return outcomes
+
+
+def _add_docs_site(context, docs_dir: Path) -> None:
+    """A Data Docs site in ``docs_dir``, so the HTML report lands beside report.json."""
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    context.add_data_docs_site(
+        site_name="grpo",
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir.resolve()),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+
+
+def _run_suite(
+    context, source, name: str, frame: pd.DataFrame, groups: list[str], cfg: ValidateConfig
+) -> list[dict[str, Any]]:
+    """One table's suite through a checkpoint (GX records its run for the Data Docs)."""
+    import great_expectations as gx
+
+    batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+    suite = context.suites.add(gx.ExpectationSuite(name=name))
+    for exp in build_expectations(name, groups, cfg):
+        suite.add_expectation(exp)
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=name, data=batch, suite=suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=f"check_{name}",
+            validation_definitions=[definition],
+            actions=[],  # Data Docs are built once, for all tables (run_suites)
+            result_format={
+                "result_format": "SUMMARY",
+                "partial_unexpected_count": cfg.examples,
+            },
+        )
+    )
+    run = checkpoint.run(batch_parameters={"dataframe": frame.reset_index(drop=True)})
+    outcomes = []
+    for validation in run.run_results.values():
+        outcomes += [_outcome(name, r, frame, cfg.examples) for r in validation.results]
     return outcomes
 
 

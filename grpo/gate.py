@@ -21,7 +21,7 @@ The group with the lowest bound decides; the reason names it, its pairs and the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,24 +235,10 @@ def paired_comparison(
     - ``group``: the challenger's worst group; ``only_challenger``/``only_champion``: the pairs of
       that group only one model gets right; ``mcnemar_p``: the exact McNemar p-value on them.
     """
-    a, b = np.asarray(challenger, dtype=float), np.asarray(champion, dtype=float)
-    labels = np.asarray([str(g) for g in groups], dtype=object)
-    if not (a.shape == b.shape == labels.shape) or a.ndim != 1 or a.size == 0:
-        raise ValueError(
-            f"paired comparison needs equal, non-empty (N,) outcomes and groups; got "
-            f"{a.shape}, {b.shape}, {labels.shape}"
-        )
-    names = sorted(set(labels))
-    codes = np.searchsorted(np.asarray(names, dtype=object), labels)
-    strata = [np.flatnonzero(codes == k) for k in range(len(names))]
-
-    def worst(x: np.ndarray, idx: np.ndarray) -> float:
-        counts = np.bincount(codes[idx], minlength=len(names))
-        sums = np.bincount(codes[idx], weights=x[idx], minlength=len(names))
-        return float((sums / counts).min())
-
+    a, b, labels = _paired_inputs(challenger, champion, groups)
+    statistic, strata = _worst_group_gap(a, b, labels)
     boot = paired_bootstrap(
-        lambda idx: worst(a, idx) - worst(b, idx),
+        statistic,
         strata,
         samples=samples,
         confidence=confidence,
@@ -276,3 +262,33 @@ def paired_comparison(
         "mcnemar_p": mcnemar_exact(only_a, only_b),
         "pairs": int(a.size),
     }
+
+
+def _paired_inputs(
+    challenger: np.ndarray, champion: np.ndarray, groups: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Outcomes as floats (N,) and labels as strings (N,), checked: a pairing needs equal shapes."""
+    a, b = np.asarray(challenger, dtype=float), np.asarray(champion, dtype=float)
+    labels = np.asarray([str(g) for g in groups], dtype=object)
+    if not (a.shape == b.shape == labels.shape) or a.ndim != 1 or a.size == 0:
+        raise ValueError(
+            f"paired comparison needs equal, non-empty (N,) outcomes and groups; got "
+            f"{a.shape}, {b.shape}, {labels.shape}"
+        )
+    return a, b, labels
+
+
+def _worst_group_gap(
+    a: np.ndarray, b: np.ndarray, labels: np.ndarray
+) -> tuple[Callable[[np.ndarray], float], list[np.ndarray]]:
+    """The bootstrap's statistic min_g acc_g(a) − min_g acc_g(b) and one stratum per group."""
+    names = sorted(set(labels))
+    codes = np.searchsorted(np.asarray(names, dtype=object), labels)
+    strata = [np.flatnonzero(codes == k) for k in range(len(names))]
+
+    def worst(x: np.ndarray, idx: np.ndarray) -> float:
+        counts = np.bincount(codes[idx], minlength=len(names))
+        sums = np.bincount(codes[idx], weights=x[idx], minlength=len(names))
+        return float((sums / counts).min())
+
+    return (lambda idx: worst(a, idx) - worst(b, idx)), strata

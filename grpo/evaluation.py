@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from grpo import metric_names
-from grpo.logprobs import SequenceScorer, encode_pairs, score_pairs
+from grpo.logprobs import EncodedPairs, SequenceScorer, encode_pairs, score_pairs
 from grpo.losses import pair_losses, reward_margin
 from grpo.stats import wilson_interval
 
@@ -157,9 +157,7 @@ def pair_logps(
     """(policy chosen, policy rejected, reference chosen, reference rejected) log-probs, each
     (N,) in the row order of ``pairs_df``; ``reference`` is a model or precomputed
     (chosen, rejected) log-probs."""
-    for col in ("group", "prompt", "chosen", "rejected"):
-        if col not in pairs_df.columns:
-            raise ValueError(f"pairs table: missing column {col!r}; has {list(pairs_df.columns)}")
+    _require_pair_columns(pairs_df)
     if device is None:
         device = next(policy.parameters()).device
     encoded = encode_pairs(
@@ -178,23 +176,44 @@ def pair_logps(
     }
     was_training = policy.training
     policy.eval()
-    policy_c, policy_r = score_pairs(
-        SequenceScorer(policy, shared_prompt=shared_prompt), encoded, **kwargs
-    )
+    policy_c, policy_r = _score(policy, encoded, shared_prompt, kwargs)
     policy.train(was_training)
     if isinstance(reference, nn.Module):
         reference.eval()
-        ref_c, ref_r = score_pairs(
-            SequenceScorer(reference, shared_prompt=shared_prompt), encoded, **kwargs
-        )
+        ref_c, ref_r = _score(reference, encoded, shared_prompt, kwargs)
         return policy_c, policy_r, ref_c, ref_r
+    ref_c, ref_r = _given_reference(reference, policy_c.shape, policy_r.shape, len(pairs_df))
+    return policy_c, policy_r, ref_c, ref_r
+
+
+def _require_pair_columns(pairs_df: pd.DataFrame) -> None:
+    """Name a missing column up front, before any tokenizing or scoring."""
+    for col in ("group", "prompt", "chosen", "rejected"):
+        if col not in pairs_df.columns:
+            raise ValueError(f"pairs table: missing column {col!r}; has {list(pairs_df.columns)}")
+
+
+def _score(
+    model: nn.Module, encoded: EncodedPairs, shared_prompt: bool, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs (N,) of one model: the policy and the reference score alike."""
+    return score_pairs(SequenceScorer(model, shared_prompt=shared_prompt), encoded, **kwargs)
+
+
+def _given_reference(
+    reference: tuple[torch.Tensor, torch.Tensor],
+    chosen_shape: torch.Size,
+    rejected_shape: torch.Size,
+    n_pairs: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precomputed reference log-probs as float32, checked against the policy's (N,) shapes."""
     ref_c, ref_r = (torch.as_tensor(t, dtype=torch.float32) for t in reference)
-    if ref_c.shape != policy_c.shape or ref_r.shape != policy_r.shape:
+    if ref_c.shape != chosen_shape or ref_r.shape != rejected_shape:
         raise ValueError(
             f"reference log-probs have shapes {tuple(ref_c.shape)}, {tuple(ref_r.shape)}; "
-            f"expected ({len(pairs_df)},) each"
+            f"expected ({n_pairs},) each"
         )
-    return policy_c, policy_r, ref_c, ref_r
+    return ref_c, ref_r
 
 
 def evaluate_pairs(

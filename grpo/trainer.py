@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -282,24 +283,33 @@ class PreferenceTrainer:
             loss_scale=loss_at_zero_margin(self.method.loss, cfg.beta),
         )  # fmt: skip
         self.reference_logps = reference_logps
-        self.reference_scorer = None  # online reference: a frozen copy scores each micro-batch
-        if reference_model is not None:
-            self.reference_scorer = SequenceScorer(
-                reference_model, cfg.fast_logprobs, cfg.shared_prompt
-            )
-            self.reference_scorer.to(self.device).eval()
+        self.reference_scorer = self._online_reference(reference_model)
         self.val_pairs, self.val_groups = val_pairs, val_groups
         self.val_reference_logps = val_reference_logps
 
         self.policy = policy.to(self.device)
         self.scorer = SequenceScorer(self.policy, cfg.fast_logprobs, cfg.shared_prompt)
         self.ddp_scorer = wrap_ddp(self.scorer, self.device, self.dist)
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.scheduler_patience
-        )
+        self.optimizer, self.scheduler = self._optimizer()
         self.step = 0
+
+    def _online_reference(self, reference_model: nn.Module | None) -> SequenceScorer | None:
+        """The frozen copy that scores each micro-batch online; None with precomputed log-probs."""
+        if reference_model is None:
+            return None
+        scorer = SequenceScorer(reference_model, self.cfg.fast_logprobs, self.cfg.shared_prompt)
+        scorer.to(self.device).eval()
+        return scorer
+
+    def _optimizer(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.ReduceLROnPlateau]:
+        """AdamW on the trainable parameters (the adapters under LoRA) and its plateau schedule."""
+        cfg = self.cfg
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.scheduler_patience
+        )
+        return optimizer, scheduler
 
     @property
     def num_groups(self) -> int:
@@ -332,25 +342,12 @@ class PreferenceTrainer:
         k, batch_pairs = self.num_groups, int(indices.numel())
         alpha_used, weights = self.weights.alpha, self.weights.weights  # the θ step uses α_t
         stats = torch.zeros(2 * k + 1, dtype=torch.float64)  # [S_g, n_g, objective]
-
-        def weighted_loss(micro: MicroBatch, logps: torch.Tensor) -> torch.Tensor:
-            """Σ_i c_i ℓ_i over the micro-batch; records its per-group loss sums and counts."""
-            policy_c, policy_r = split_pairs(logps.float())
-            ref_c, ref_r = self._reference(micro)
-            margin = reward_margin(policy_c, policy_r, ref_c, ref_r)
-            losses = pair_losses(self.method.loss, margin, self.cfg.beta)
-            groups = self.train_groups[micro.index]
-            coef = pair_coefficients(weights, groups, self.group_sizes, batch_pairs)
-            stats[:k] += group_sums(losses.detach().to("cpu", torch.float64), groups, k)
-            stats[k : 2 * k] += group_counts(groups, k)
-            return (coef.to(device=losses.device, dtype=losses.dtype) * losses).sum()
-
-        def collate(part: EncodedPairs):
-            return self.scorer.collate(part, self.pad, self.padding_side)
-
+        loss_fn = partial(
+            self._weighted_loss, weights=weights, batch_pairs=batch_pairs, stats=stats
+        )
         chunks = micro_batches(indices, self.cfg.grad_accum, self.dist.world_size, self.dist.rank)
         stats[-1], grad_norm = accumulate_and_step(
-            self.ddp_scorer, self.train_pairs, chunks, collate, weighted_loss, self.optimizer,
+            self.ddp_scorer, self.train_pairs, chunks, self._collate, loss_fn, self.optimizer,
             grad_clip=self.cfg.grad_clip, dist_info=self.dist, device=self.device, dtype=self.dtype,
         )  # fmt: skip
         stats = self.dist.all_reduce(stats).cpu()
@@ -371,6 +368,32 @@ class PreferenceTrainer:
             "grad_norm": grad_norm,
             "time_s": time.perf_counter() - start,
         }
+
+    def _weighted_loss(
+        self,
+        micro: MicroBatch,
+        logps: torch.Tensor,
+        *,
+        weights: torch.Tensor,
+        batch_pairs: int,
+        stats: torch.Tensor,
+    ) -> torch.Tensor:
+        """Σ_i c_i ℓ_i over the micro-batch (what its backward pass needs); adds its per-group
+        loss sums S_g and counts n_g into ``stats`` (2K+1,), for the α update after the step."""
+        k = self.num_groups
+        policy_c, policy_r = split_pairs(logps.float())
+        ref_c, ref_r = self._reference(micro)
+        margin = reward_margin(policy_c, policy_r, ref_c, ref_r)
+        losses = pair_losses(self.method.loss, margin, self.cfg.beta)
+        groups = self.train_groups[micro.index]
+        coef = pair_coefficients(weights, groups, self.group_sizes, batch_pairs)
+        stats[:k] += group_sums(losses.detach().to("cpu", torch.float64), groups, k)
+        stats[k : 2 * k] += group_counts(groups, k)
+        return (coef.to(device=losses.device, dtype=losses.dtype) * losses).sum()
+
+    def _collate(self, part: EncodedPairs):
+        """A micro-batch's tensors, in the layout the scorer takes (shared prompt or not)."""
+        return self.scorer.collate(part, self.pad, self.padding_side)
 
     def _check_step(
         self, objective: float, sums: torch.Tensor, counts: torch.Tensor, grad_norm: float
@@ -557,10 +580,7 @@ def prepare_reference(
         _prepare_out_dir(out_dir, False, dist_info)
         _seed_everything(train_cfg.seed)
         tokenizer = _tokenizer(out_dir / "tokenizer", train_df, model_cfg, False, dist_info)
-        common = {
-            "pad_token_id": tokenizer.pad_token_id, "padding_side": model_cfg.padding_side,
-            "device": device, "dtype": model_cfg.dtype,
-        }  # fmt: skip
+        common = _scoring_args(tokenizer, model_cfg, device)
         encoded = encode_frame(train_df, tokenizer, model_cfg)
         _reference_policy(
             out_dir / "reference", encoded, tokenizer, model_cfg, train_cfg, False, dist_info,
@@ -586,12 +606,8 @@ def _train(
     reference_dir: Path | None = None,
 ) -> TrainResult:
     """The stage, set-up first, then :func:`_loop`, then :func:`_finish`."""
-    from grpo.config import to_dict
-
     group_names = sorted(str(g) for g in train_df["group"].unique())
-    resolved = {"model": to_dict(model_cfg), "train": to_dict(cfg), "groups": group_names}
-    if reference_dir is not None:
-        resolved["reference_dir"] = str(reference_dir)
+    resolved = _resolved_config(model_cfg, cfg, group_names, reference_dir)
     # A fresh start clears what an earlier run left in out_dir; a resume keeps it all.
     checkpoints = _prepare_out_dir(out_dir, resume, dist_info)
     _seed_everything(cfg.seed)
@@ -601,16 +617,8 @@ def _train(
         tokenizer = _saved_tokenizer(reference_dir, model_cfg)
     else:
         tokenizer = _tokenizer(out_dir / "tokenizer", train_df, model_cfg, resume, dist_info)
-    data = Encoded(
-        encode_frame(train_df, tokenizer, model_cfg),
-        group_index(train_df, group_names, "train split"),
-        encode_frame(val_df, tokenizer, model_cfg) if len(val_df) else None,
-        group_index(val_df, group_names, "validation split") if len(val_df) else None,
-    )
-    common = {
-        "pad_token_id": tokenizer.pad_token_id, "padding_side": model_cfg.padding_side,
-        "device": device, "dtype": model_cfg.dtype,
-    }  # fmt: skip
+    data = _encode(train_df, val_df, tokenizer, group_names, model_cfg)
+    common = _scoring_args(tokenizer, model_cfg, device)
     # The reference π_ref: the SFT model (or the base model), saved for evaluation; or the
     # shared one, trained once for several methods (its log-probs cached beside it).
     if reference_dir is not None:
@@ -631,6 +639,42 @@ def _train(
         state = LoopState(**load_checkpoint(trainer, checkpoints[-1]))
     _loop(trainer, state, out_dir, resolved, log_fn)
     return _finish(trainer, state, tokenizer, model_cfg, out_dir, reference_dir)
+
+
+def _resolved_config(
+    model_cfg: ModelConfig, cfg: TrainConfig, group_names: list[str], reference_dir: Path | None
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (saved with it; :func:`check_resumable`)."""
+    from grpo.config import to_dict
+
+    resolved = {"model": to_dict(model_cfg), "train": to_dict(cfg), "groups": group_names}
+    if reference_dir is not None:
+        resolved["reference_dir"] = str(reference_dir)
+    return resolved
+
+
+def _encode(
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    tokenizer,
+    group_names: list[str],
+    model_cfg: ModelConfig,
+) -> Encoded:
+    """Tokenise both splits once, up front; an unknown validation group fails here, by name."""
+    return Encoded(
+        encode_frame(train_df, tokenizer, model_cfg),
+        group_index(train_df, group_names, "train split"),
+        encode_frame(val_df, tokenizer, model_cfg) if len(val_df) else None,
+        group_index(val_df, group_names, "validation split") if len(val_df) else None,
+    )
+
+
+def _scoring_args(tokenizer, model_cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
+    """Padding, device and dtype: every scorer, SFT and the trainer must batch pairs alike."""
+    return {
+        "pad_token_id": tokenizer.pad_token_id, "padding_side": model_cfg.padding_side,
+        "device": device, "dtype": model_cfg.dtype,
+    }  # fmt: skip
 
 
 def _loop(

@@ -79,32 +79,19 @@ def evaluate(
     from grpo.evaluation import evaluate_pairs, flatten_metrics
     from grpo.groups import parse_method
     from grpo.modeling import ModelConfig, load_pretrained
-    from grpo.samples import score_samples
 
     model_cfg = model_cfg or ModelConfig()
     frame = split_pairs(pairs_path, cfg)
     policy, tokenizer, _ = load_pretrained(model_dir, device=model_cfg.device)
     reference, _, _ = load_pretrained(reference_dir, device=model_cfg.device)
-    scoring = {
-        "batch_size": cfg.batch_size,
-        "max_prompt_tokens": model_cfg.max_prompt_tokens,
-        "max_response_tokens": model_cfg.max_response_tokens,
-        "padding_side": model_cfg.padding_side,
-        "device": next(policy.parameters()).device,
-    }
+    scoring = _scoring_args(policy, cfg, model_cfg)
     loss = parse_method(method).loss
     result = evaluate_pairs(
         policy, reference, tokenizer, frame, loss=loss, beta=beta, expected_groups=groups,
         confidence=confidence, **scoring,
     )  # fmt: skip
     metrics = flatten_metrics(result, prefix="eval")
-    samples = score_samples(
-        policy, reference, tokenizer, frame, per_group=cfg.samples, beta=beta, **scoring
-    )
-    if cfg.generate:  # a real model's own answers, beside the scores
-        prompts = [s["prompt"] for s in samples]
-        for s, g in zip(samples, generate_samples(policy, tokenizer, prompts, cfg), strict=True):
-            s["completion"] = g["completion"]
+    samples = _scored_samples(policy, reference, tokenizer, frame, cfg, beta, scoring)
     evaluation = {
         "metrics": metrics,
         "result": result,
@@ -114,6 +101,33 @@ def evaluate(
         "samples": samples,
     }
     return save_evaluation(evaluation, out_dir)
+
+
+def _scoring_args(policy, cfg: EvaluateConfig, model_cfg: Any) -> dict[str, Any]:
+    """Batching, truncation and device: the metrics and the samples must score pairs alike."""
+    return {
+        "batch_size": cfg.batch_size,
+        "max_prompt_tokens": model_cfg.max_prompt_tokens,
+        "max_response_tokens": model_cfg.max_response_tokens,
+        "padding_side": model_cfg.padding_side,
+        "device": next(policy.parameters()).device,
+    }
+
+
+def _scored_samples(
+    policy, reference, tokenizer, frame, cfg: EvaluateConfig, beta: float, scoring: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """``cfg.samples`` pairs per group, options scored (and completed with ``cfg.generate``), to read."""
+    from grpo.samples import score_samples
+
+    samples = score_samples(
+        policy, reference, tokenizer, frame, per_group=cfg.samples, beta=beta, **scoring
+    )
+    if cfg.generate:  # a real model's own answers, beside the scores
+        prompts = [s["prompt"] for s in samples]
+        for s, g in zip(samples, generate_samples(policy, tokenizer, prompts, cfg), strict=True):
+            s["completion"] = g["completion"]
+    return samples
 
 
 def split_pairs(pairs_path: str | Path, cfg: EvaluateConfig):

@@ -44,47 +44,59 @@ def audit(
 
     client = get_client()
     model = client.get_registered_model(name)  # MlflowException names a missing model
-    alias_map: dict[str, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
-        alias_map.setdefault(str(version), []).append(alias)
-    records = []
-    for mv in client.search_model_versions(f"name = '{name}'"):
-        run = client.get_run(mv.run_id) if mv.run_id else None
-        metrics = dict(run.data.metrics) if run else {}
-        tags = dict(run.data.tags) if run else {}
-        params = dict(run.data.params) if run else {}
-        groups = group_values(metrics, metric)
-        pairs = group_values(metrics, "pairs")
-        worst = min(groups, key=groups.__getitem__) if groups else None
-        records.append(
-            {
-                "version": str(mv.version),
-                "created": datetime.fromtimestamp(
-                    mv.creation_timestamp / 1000, timezone.utc
-                ).strftime("%Y-%m-%d %H:%M:%S"),
-                "aliases": sorted(alias_map.get(str(mv.version), [])),
-                "metric": metric,
-                "groups": groups,
-                "group_pairs": {g: int(n) for g, n in pairs.items() if n == n},
-                "groups_ci": intervals(groups, pairs, confidence),
-                "confidence": confidence,
-                "worst_group": worst,
-                "worst_value": metrics.get(metric_names.worst_group(metric)),
-                "gap": metrics.get(metric_names.group_gap(metric)),
-                "overall": metrics.get(metric_names.overall(metric)),
-                "data_md5": tags.get("data.md5"),
-                "git_rev": tags.get("data.git_rev"),
-                "data_source": tags.get("data.source"),
-                "method": tags.get("train.method") or params.get("train.method"),
-                "gate": (mv.tags or {}).get("gate.decision"),
-                "run_id": mv.run_id,
-            }
-        )
+    alias_map = _aliases_by_version(model)
+    records = [
+        _version_record(client, mv, alias_map, metric, confidence)
+        for mv in client.search_model_versions(f"name = '{name}'")
+    ]
     records.sort(key=lambda r: int(r["version"]), reverse=True)
     newest = records[0]["data_md5"] if records else None
     for r in records:
         r["same_data_as_newest"] = None if not newest else r["data_md5"] == newest
     return records
+
+
+def _aliases_by_version(model: Any) -> dict[str, list[str]]:
+    """``{version: [alias, ...]}``: MLflow maps alias → version, a row needs the reverse."""
+    alias_map: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        alias_map.setdefault(str(version), []).append(alias)
+    return alias_map
+
+
+def _version_record(
+    client: Any, mv: Any, alias_map: dict[str, list[str]], metric: str, confidence: float
+) -> dict[str, Any]:
+    """One version's audit row from its run's logged metrics, tags and params (no model loaded)."""
+    run = client.get_run(mv.run_id) if mv.run_id else None
+    metrics = dict(run.data.metrics) if run else {}
+    tags = dict(run.data.tags) if run else {}
+    params = dict(run.data.params) if run else {}
+    groups = group_values(metrics, metric)
+    pairs = group_values(metrics, "pairs")
+    worst = min(groups, key=groups.__getitem__) if groups else None
+    return {
+        "version": str(mv.version),
+        "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        ),
+        "aliases": sorted(alias_map.get(str(mv.version), [])),
+        "metric": metric,
+        "groups": groups,
+        "group_pairs": {g: int(n) for g, n in pairs.items() if n == n},
+        "groups_ci": intervals(groups, pairs, confidence),
+        "confidence": confidence,
+        "worst_group": worst,
+        "worst_value": metrics.get(metric_names.worst_group(metric)),
+        "gap": metrics.get(metric_names.group_gap(metric)),
+        "overall": metrics.get(metric_names.overall(metric)),
+        "data_md5": tags.get("data.md5"),
+        "git_rev": tags.get("data.git_rev"),
+        "data_source": tags.get("data.source"),
+        "method": tags.get("train.method") or params.get("train.method"),
+        "gate": (mv.tags or {}).get("gate.decision"),
+        "run_id": mv.run_id,
+    }
 
 
 def intervals(

@@ -19,9 +19,6 @@ def log_sweep(
     finished MLflow run: config and hyperparameters as params, the mean worst-group validation
     curve as ``val/worst_group_loss`` by step, converged metrics, and the scenario's PNG.
     Returns the run ids."""
-    from mlflow.entities import Param, RunTag
-
-    from grpo.synthetic.runner import SCENARIOS
     from tasks.tracking import client, setup
 
     _, experiment_id = setup(root, experiment)
@@ -29,37 +26,53 @@ def log_sweep(
     config = summary["config"]
     run_ids = []
     for name, sc in summary["scenarios"].items():
-        scenario = SCENARIOS[name]
-        for method, r in sc["methods"].items():
-            hyper = scenario.hyper("dpo" if method.endswith("dpo") else "ipo")
-            run = mlflow_client.create_run(experiment_id, run_name=f"{name}/{method}")
-            run_id = run.info.run_id
-            params = {
-                "scenario": name,
-                "method": method,
-                "seeds": sc["seeds"],
-                "iterations": sc["iterations"],
-                "eta_theta": hyper.eta_theta,
-                "beta": hyper.beta,
-                "eta_alpha": hyper.eta_alpha if method.startswith("gr-") else 0.0,
-                **{
-                    f"config.{k}": v for k, v in config.items() if k not in ("scenarios", "methods")
-                },
-            }
-            metrics = method_metrics(r, sc["iterations"])
-            for start in range(0, len(metrics), 500):
-                mlflow_client.log_batch(run_id, metrics=metrics[start : start + 500])
-            mlflow_client.log_batch(
-                run_id,
-                params=[Param(k, str(v)) for k, v in params.items()],
-                tags=[RunTag("grpo.kind", "synthetic"), RunTag("grpo.scenario", name)],
+        for method in sc["methods"]:
+            run_ids.append(
+                _log_run(mlflow_client, experiment_id, name, method, sc, config, out_dir)
             )
-            png = Path(out_dir) / f"{name}.png"
-            if png.exists():
-                mlflow_client.log_artifact(run_id, str(png), "plots")
-            mlflow_client.set_terminated(run_id, "FINISHED")
-            run_ids.append(run_id)
     return run_ids
+
+
+def _log_run(
+    mlflow_client: Any,
+    experiment_id: str,
+    name: str,
+    method: str,
+    sc: dict[str, Any],
+    config: dict[str, Any],
+    out_dir: str | Path,
+) -> str:
+    """One (scenario, method) as a finished run, so the MLflow UI compares methods side by side."""
+    from mlflow.entities import Param, RunTag
+
+    from grpo.synthetic.runner import SCENARIOS
+
+    hyper = SCENARIOS[name].hyper("dpo" if method.endswith("dpo") else "ipo")
+    run = mlflow_client.create_run(experiment_id, run_name=f"{name}/{method}")
+    run_id = run.info.run_id
+    params = {
+        "scenario": name,
+        "method": method,
+        "seeds": sc["seeds"],
+        "iterations": sc["iterations"],
+        "eta_theta": hyper.eta_theta,
+        "beta": hyper.beta,
+        "eta_alpha": hyper.eta_alpha if method.startswith("gr-") else 0.0,
+        **{f"config.{k}": v for k, v in config.items() if k not in ("scenarios", "methods")},
+    }
+    metrics = method_metrics(sc["methods"][method], sc["iterations"])
+    for start in range(0, len(metrics), 500):
+        mlflow_client.log_batch(run_id, metrics=metrics[start : start + 500])
+    mlflow_client.log_batch(
+        run_id,
+        params=[Param(k, str(v)) for k, v in params.items()],
+        tags=[RunTag("grpo.kind", "synthetic"), RunTag("grpo.scenario", name)],
+    )
+    png = Path(out_dir) / f"{name}.png"
+    if png.exists():
+        mlflow_client.log_artifact(run_id, str(png), "plots")
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def method_metrics(r: dict[str, Any], iterations: int) -> list[Any]:

@@ -50,6 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    register_synthetic(sub)
+    register_goqa(sub)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def register_synthetic(sub: argparse._SubParsersAction) -> None:
+    """The ``synthetic`` subcommand and its options (``goqa`` has :func:`register_goqa`)."""
     syn = sub.add_parser(
         "synthetic",
         help="log-linear policies on the two-group bandit (Figure 2)",
@@ -89,8 +96,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     syn.add_argument("--out", required=True, help="output folder")
     syn.add_argument("--mlflow", action="store_true", help="also log the sweep to MLflow")
     syn.set_defaults(func=main)
-    register_goqa(sub)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -378,8 +378,10 @@ class PreferenceTrainer:
         batch_pairs: int,
         stats: torch.Tensor,
     ) -> torch.Tensor:
-        """Σ_i c_i ℓ_i over the micro-batch (what its backward pass needs); adds its per-group
-        loss sums S_g and counts n_g into ``stats`` (2K+1,), for the α update after the step."""
+        """Σ_i c_i ℓ_i of a micro-batch for its backward pass; records S_g, n_g for the α update.
+
+        Adds the micro-batch's per-group loss sums and counts into ``stats`` (2K+1,) in place.
+        """
         k = self.num_groups
         policy_c, policy_r = split_pairs(logps.float())
         ref_c, ref_r = self._reference(micro)

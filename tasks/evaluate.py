@@ -117,7 +117,7 @@ def _scoring_args(policy, cfg: EvaluateConfig, model_cfg: Any) -> dict[str, Any]
 def _scored_samples(
     policy, reference, tokenizer, frame, cfg: EvaluateConfig, beta: float, scoring: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """``cfg.samples`` pairs per group, options scored (and completed with ``cfg.generate``), to read."""
+    """``cfg.samples`` pairs per group to read: options scored (completed with ``cfg.generate``)."""
     from grpo.samples import score_samples
 
     samples = score_samples(

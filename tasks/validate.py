@@ -264,7 +264,7 @@ def _membership_expectations(groups: list[str]) -> list:
 
 
 def _uniqueness_expectations() -> list:
-    """No pair counts twice and no question sits in two splits (duplicates and leaks skew losses)."""
+    """No pair counts twice, no question sits in two splits (duplicates and leaks skew losses)."""
     import great_expectations.expectations as gxe
 
     return [
@@ -323,7 +323,7 @@ def _group_split_expectations(cfg: ValidateConfig) -> list:
 
 
 def _share_expectations(cfg: ValidateConfig) -> list:
-    """A distributional source's shares form a distribution over its options (pairs come from it)."""
+    """A distributional source's shares are a distribution over its options (pairs come from it)."""
     import great_expectations.expectations as gxe
 
     tol = cfg.share_tolerance

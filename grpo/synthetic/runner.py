@@ -385,7 +385,7 @@ class _Validation:
 def _final(
     state: dict[str, torch.Tensor], alpha0: torch.Tensor, layout: _Layout, cfg: SyntheticConfig
 ) -> dict[str, torch.Tensor]:
-    """Every data set's θ (float64) and θ-step weights w now, for the segments that just finished."""
+    """Every data set's θ (float64) and θ-step weights w now, for segments that just finished."""
     theta = torch.cat([state["theta_dpo"], state["theta_ipo"]], dim=1).to(torch.float64)
     alpha = alpha0.clone()  # fixed-weight columns never change; robust ones live in the state
     alpha[:, layout.r0 : layout.r1] = state["alpha_rob"]
@@ -404,8 +404,7 @@ def _loop(
     cfg: SyntheticConfig,
     tick: Callable[[int], None],
 ) -> tuple[_Records, dict[int, dict[str, torch.Tensor]]]:
-    """Step every run until its scenario's iteration count, recording validation losses on the
-    way; returns the records and each segment's final θ and weights (keyed by its start)."""
+    """Step every run to its scenario's count; returns the records and finals (by segment start)."""
     n_dpo, r0, r1 = layout.n_dpo, layout.r0, layout.r1
     records: _Records = []
     finals: dict[int, dict[str, torch.Tensor]] = {}

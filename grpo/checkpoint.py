@@ -41,8 +41,11 @@ if TYPE_CHECKING:
 
 # Settings a resumed run may change: how long to train and how to report, not what is computed.
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "max_steps", "progress", "checkpoint_every", "keep_checkpoints", "eval_batch_size"}
-)
+    {
+        "train.epochs", "train.max_steps", "train.progress", "train.checkpoint_every",
+        "train.keep_checkpoints", "train.eval_batch_size", "model.threads",
+    }
+)  # fmt: skip
 STATE_JSON = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_STATE = "trainer_state.pt"  # the pickled format of earlier versions, no longer read
@@ -217,7 +220,7 @@ def check_resumable(checkpoint: Path, resolved: dict[str, Any]) -> None:
     """Refuse to resume ``checkpoint`` under a config that changes what is computed.
 
     The checkpoint's ``config.json`` must equal ``resolved`` except for :data:`RESUMABLE_CHANGES`
-    in the train section; the error names every differing key (start over with ``resume=False``).
+    (``section.key`` names); the error names every differing key (start over with ``resume=False``).
     """
     saved = read_json(checkpoint / "config.json")
     current = json.loads(json.dumps(resolved))  # same JSON types as the saved copy
@@ -226,7 +229,7 @@ def check_resumable(checkpoint: Path, resolved: dict[str, Any]) -> None:
         old, new = saved.get(section), current.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
             for key in sorted(set(old) | set(new)):
-                exempt = section == "train" and key in RESUMABLE_CHANGES
+                exempt = f"{section}.{key}" in RESUMABLE_CHANGES
                 if not exempt and old.get(key) != new.get(key):
                     diffs.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
         elif old != new:

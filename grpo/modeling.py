@@ -50,6 +50,9 @@ class ModelConfig:
     padding_side: str = "right"  # "right" or "left"; log-probs do not depend on it
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "float32" | "bfloat16"
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:1" ...
+    # CPU threads for torch (0 = torch's default, one per core). A tiny model is fastest on one:
+    # its per-op work is too small to split, and a second thread only fights other processes.
+    threads: int = 0
     lora: bool = False  # train LoRA adapters (peft) instead of all weights
     lora_r: int = 8
     lora_alpha: int = 16
@@ -76,9 +79,19 @@ class ModelConfig:
             raise ValueError(
                 f"tokenizer_vocab_size: at least 300 (256 bytes + specials), got {self.tokenizer_vocab_size}"
             )
+        if self.threads < 0:
+            raise ValueError(
+                f"threads: 0 (torch's default) or a positive count, got {self.threads}"
+            )
         if self.lora and self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         self.lora_target_modules = tuple(self.lora_target_modules)
+
+
+def use_threads(cfg: ModelConfig) -> None:
+    """Set torch's intra-op CPU threads from ``cfg.threads`` (0 leaves torch's default)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

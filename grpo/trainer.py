@@ -86,6 +86,7 @@ from grpo.modeling import (
     load_tokenizer,
     resolve_device,
     save_model,
+    use_threads,
 )
 from grpo.sft import sft
 
@@ -536,6 +537,7 @@ def train(
     methods trained from one reference score it once (:func:`reference_logps`).
     """
     check_pairs(pairs)
+    use_threads(model_cfg)
     train_df = pairs[pairs["split"] == "train"].reset_index(drop=True)
     val_df = pairs[pairs["split"] == "validation"].reset_index(drop=True)
     if train_df.empty:
@@ -573,6 +575,7 @@ def prepare_reference(
     read; SFT draws its data order from ``train_cfg.seed``.
     """
     check_pairs(pairs)
+    use_threads(model_cfg)
     train_df = pairs[pairs["split"] == "train"].reset_index(drop=True)
     if train_df.empty:
         raise ValueError("pairs table: no rows with split == 'train'")

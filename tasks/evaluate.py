@@ -78,9 +78,10 @@ def evaluate(
     """
     from grpo.evaluation import evaluate_pairs, flatten_metrics
     from grpo.groups import parse_method
-    from grpo.modeling import ModelConfig, load_pretrained
+    from grpo.modeling import ModelConfig, load_pretrained, use_threads
 
     model_cfg = model_cfg or ModelConfig()
+    use_threads(model_cfg)
     frame = split_pairs(pairs_path, cfg)
     policy, tokenizer, _ = load_pretrained(model_dir, device=model_cfg.device)
     reference, _, _ = load_pretrained(reference_dir, device=model_cfg.device)

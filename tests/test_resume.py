@@ -74,6 +74,10 @@ def test_resume_refuses_a_changed_config(tmp_path):
     # training longer is a resume; the same config is a resume
     check_resumable(tmp_path, {**saved, "train": {"lr": 0.01, "max_steps": 20}})
     check_resumable(tmp_path, saved)
+    # the CPU thread count is how fast, not what: a resumed run may use other threads
+    check_resumable(tmp_path, {**saved, "model": {"n": 1, "threads": 2}})
+    with pytest.raises(ValueError, match=r"model\.n: 1 -> 2"):
+        check_resumable(tmp_path, {**saved, "model": {"n": 2}})
     with pytest.raises(ValueError, match=r"train\.lr: 0\.01 -> 0\.02"):
         check_resumable(tmp_path, {**saved, "train": {"lr": 0.02, "max_steps": 10}})
     with pytest.raises(ValueError, match=r"groups: \['a', 'b'\] -> \['a', 'c'\]"):

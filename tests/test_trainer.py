@@ -143,6 +143,16 @@ def test_constant_schedule_never_cuts(setup):
         TrainConfig(lr_schedule="cosine")
 
 
+def test_model_threads_set_torch_threads(tmp_path):
+    from grpo.modeling import ModelConfig
+
+    cfg = TrainConfig(method="dpo", batch_size=8, epochs=0, max_steps=1, progress=False)
+    train(small_pairs(150), tiny_model_cfg(threads=2), cfg, tmp_path)
+    assert torch.get_num_threads() == 2  # conftest resets it to 1 for the next test
+    with pytest.raises(ValueError, match="threads"):
+        ModelConfig(threads=-1)
+
+
 def test_train_config_validation():
     with pytest.raises(ValueError, match="unknown method"):
         TrainConfig(method="grpo")

@@ -7,6 +7,12 @@ config and the code of ``grpo/``), with persisted results, so re-running on unch
 config skips straight to tracking. Only I/O tasks (ingest, MLflow logging) retry; training
 never does. What the run shows in Prefect (its name, tags, a log line per stage, artifacts) is
 :mod:`flows.prefect_ui`'s.
+
+Runs at once and faults (docs/reliability.md): a run folder is trained by one process at a time
+and read back once finished; registration is serialised (:func:`registry_lock`); a run holds
+``run-<id>.lock`` while it lives, so the next run closes one whose process died
+(:func:`process_alive`); and an MLflow server that stops answering after training ends the run
+with one line naming it, the model kept for the next run to register.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +116,19 @@ def train_task(
 ) -> dict[str, Any]:
     from tasks.tracking import metric_logger
 
-    stream, streamed = metric_logger(run_id), set()
+    stream, streamed, lost = metric_logger(run_id), set(), []
 
     def log_fn(metrics: dict[str, float], step: int) -> None:
-        stream(metrics, step)  # per-step metrics go into this flow run's MLflow run
+        if lost:  # the store stopped answering: train on, the history is copied at the end
+            return
+        try:
+            stream(metrics, step)  # per-step metrics go into this flow run's MLflow run
+        except Exception as exc:
+            lost.append(step)
+            prefect_ui.run_logger().warning(
+                "step %d: metrics not streamed to MLflow: %s", step, exc
+            )
+            return
         streamed.add(step)
 
     result = stages.train(
@@ -163,11 +180,43 @@ def log_model_task(run_id: str, trained: dict[str, Any], enabled: bool) -> str |
     return stages.log_model(run_id, trained, enabled)
 
 
+@task(name="close-abandoned-runs", retries=1, retry_delay_seconds=2)
+def reap_task(root: str, run_id: str, run_folder: str) -> list[str]:
+    from tasks.tracking import RUN_FOLDER_TAG, reap_abandoned_runs, set_tags
+
+    set_tags(run_id, {RUN_FOLDER_TAG: run_folder})
+    return reap_abandoned_runs(root, run_id, run_folder)
+
+
 @task(name="register")
 def register_task(
     run: dict[str, str], evaluation: dict[str, Any], cfgs: Any, model_uri: str | None, root: str
 ) -> dict[str, Any]:
-    return stages.register(run, evaluation, cfgs, model_uri, Path(root))
+    return stages.register(run, evaluation, cfgs, model_uri, Path(root), lock=registry_lock())
+
+
+REGISTRY_LIMIT = "grpo-registry"  # the Prefect global concurrency limit (1 slot)
+
+
+def registry_lock():
+    """What serialises gate decisions and alias moves: with a shared Prefect server
+    (``PREFECT_API_URL``), its global concurrency limit :data:`REGISTRY_LIMIT` of one slot, so
+    runs on any machine take turns (created on first use; a holder that dies frees its slot
+    when its lease ends); without one, None: ``stages.register``'s file lock."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    # another run may create it at the same moment
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.upsert_global_concurrency_limit_by_name(REGISTRY_LIMIT, 1)
+    return concurrency(
+        REGISTRY_LIMIT, occupy=1, timeout_seconds=stages.REGISTRY_WAIT_S, strict=True
+    )
 
 
 @task(name="end-run", retries=2, retry_delay_seconds=2)
@@ -219,19 +268,60 @@ def retrain(
         tracking = start_run_task(str(home), cfgs.register.experiment, cfgs.resolved())
     except Exception as exc:
         raise StageFailed("tracking (MLflow)", exc) from exc
+    with process_alive(home, tracking["run_id"]) as alive:
+        results = run_and_close(cfgs, home, tracking, clock, alive)
+    summary = summarize(tracking, *results, cfgs.register.metric, seed=cfgs.train.seed)
+    if publish_artifacts_task(summary, return_state=True).is_failed():  # the run stands anyway
+        prefect_ui.run_logger().warning("the Prefect artifacts could not be created")
+    return summary
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow server stopped answering after training; the message names it, where the
+    trained model is kept, and what to do."""
+
+
+@contextlib.contextmanager
+def process_alive(home: Path, run_id: str) -> Iterator[dict[str, bool]]:
+    """Hold ``run-<run id>.lock`` while this process works on the run: another ``grpo run``
+    that finds it free knows the run's process is gone (``tasks.tracking.reap_abandoned_runs``).
+    Set ``["closed"]`` once the run is closed in MLflow; the file is then removed, else it
+    stays for a later run to close the run."""
+    from tasks.locks import hold, lock_path, release
+    from tasks.tracking import RUN_LOCK
+
+    path = lock_path(home, RUN_LOCK.format(run_id=run_id))
+    handle, state = hold(path), {"closed": False}
+    try:
+        yield state
+    finally:
+        if state["closed"]:
+            path.unlink(missing_ok=True)  # while still held: no one reaps a closed run
+        release(handle)
+
+
+def run_and_close(
+    cfgs: Any, home: Path, tracking: dict[str, str], clock: StageClock, alive: dict[str, bool]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """:func:`run_stages`, then the MLflow run closed: FINISHED, or FAILED with the stage and
+    its error (not tried when the server is gone). Raises :class:`StageFailed`."""
+    run_id = tracking["run_id"]
     try:
         results = run_stages(cfgs, home, tracking, clock)
     except BaseException as exc:
         report = str(Path(home / cfgs.validate.report_dir) / "report.json")
         failure = stages.failure(clock.stage, exc, report if clock.stage == "validate" else None)
-        with contextlib.suppress(Exception):  # keep the stage's error, not a tracking one
-            end_run_task(tracking["run_id"], "FAILED", failure)
+        if not isinstance(exc, TrackingUnavailable):
+            with contextlib.suppress(Exception):  # keep the stage's error, not a tracking one
+                end_run_task(run_id, "FAILED", failure)
+                alive["closed"] = True
         raise StageFailed(clock.stage, exc) from exc
-    end_run_task(tracking["run_id"], "FINISHED")
-    summary = summarize(tracking, *results, cfgs.register.metric, seed=cfgs.train.seed)
-    if publish_artifacts_task(summary, return_state=True).is_failed():  # the run stands anyway
-        prefect_ui.run_logger().warning("the Prefect artifacts could not be created")
-    return summary
+    try:
+        end_run_task(run_id, "FINISHED")
+    except Exception as exc:
+        raise StageFailed("tracking", exc) from exc
+    alive["closed"] = True
+    return results
 
 
 def run_stages(
@@ -254,6 +344,11 @@ def run_stages(
     code = code_key()
     key = content_key(data["sha256"], cfgs.resolved()["model"], cfgs.resolved()["train"], code)
     run_dir = home / stages.RUNS_DIR / key[:16]
+    # runs whose process died (SIGKILL, or a tracking outage at their end) are closed; one of
+    # this run folder is superseded by this run, which resumes or reuses its training
+    folder = os.path.relpath(run_dir / "train", home)
+    if reap_task(str(home), run_id, folder, return_state=True).is_failed():
+        prefect_ui.run_logger().warning("abandoned MLflow runs could not be closed")
     inputs = (data["path"], data["sha256"], code)  # what the cached tasks are keyed on
     trained = train_cached(inputs, cfgs, str(run_dir / "train"), home, run_id)
     clock.done(prefect_ui.train_line(trained, run_id, home))
@@ -265,14 +360,51 @@ def run_stages(
     )  # fmt: skip
     stages.publish_evaluation(evaluation, home)  # a cached result skipped publishing
     clock.done(prefect_ui.evaluate_line(evaluation_summary(evaluation, metric)))
+    try:
+        decision = record_and_register(cfgs, home, tracking, clock, trained, evaluation, name)
+    except Exception as exc:
+        outage = tracking_outage(tracking["tracking_uri"], run_dir, home)
+        if outage is None:
+            raise
+        raise outage from exc
+    return data, trained, evaluation, decision
+
+
+def record_and_register(
+    cfgs: Any,
+    home: Path,
+    tracking: dict[str, str],
+    clock: StageClock,
+    trained: dict[str, Any],
+    evaluation: dict[str, Any],
+    name: str,
+) -> dict[str, Any]:
+    """The tracking and register stages: history, evaluation and model into the MLflow run,
+    then the gate (serialised: :func:`registry_lock`). Returns the decision."""
+    run_id = tracking["run_id"]
     clock.start("tracking")
-    log_results_task(run_id, trained, evaluation, metric)
+    log_results_task(run_id, trained, evaluation, cfgs.register.metric)
     model_uri = log_model_task(run_id, trained, cfgs.register.log_model)
     clock.done(f"MLflow run {name}: metrics, curves, tables, plots{', model' * bool(model_uri)}")
     clock.start("register")
     decision = register_task(tracking, evaluation, cfgs, model_uri, str(home))
     clock.done(prefect_ui.register_line(decision))
-    return data, trained, evaluation, decision
+    return decision
+
+
+def tracking_outage(uri: str, run_dir: Path, home: Path) -> TrackingUnavailable | None:
+    """A one-line error when the MLflow server at ``uri`` no longer answers (None when it
+    does: the failure was something else)."""
+    from tasks.tracking import unreachable
+
+    problem = unreachable(uri)
+    if problem is None:
+        return None
+    kept = os.path.relpath(run_dir, home)
+    return TrackingUnavailable(
+        f"{problem}; the trained model is kept in {kept}/: run `grpo run` again with the same "
+        "settings once it answers, to record and register it without training again"
+    )
 
 
 def summarize(
@@ -305,6 +437,8 @@ def summarize(
             "steps": trained["steps"],
             "model_dir": trained["model_dir"],
             "cached": not streamed_steps(trained, run_id),  # no step trained in this run
+            # the checkpoint this run's training continued from (its last step: reused whole)
+            "resumed_from_step": trained.get("resumed_from_step"),
             "final_group_weights": dict(zip(trained["groups"], trained["weights"], strict=False)),
         },
         "evaluation": evaluation_summary(evaluation, metric),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ TRAIN_DIR = "outputs/train"
 EVALUATE_DIR = "outputs/evaluate"
 DECISION_JSON = "outputs/register/decision.json"
 RUNS_DIR = "outputs/runs"  # the flow's content-keyed training and evaluation folders
+TRAIN_LOCK = ".lock"  # in a run folder's train/: held while a process trains or reads it
+REGISTRY_WAIT_S = 3600.0  # longest wait for the registry lock (a champion re-scored meanwhile)
 
 INGEST_KEYS = ("source", "md5", "sha256", "rows", "groups", "group_counts", "split_counts")
 
@@ -111,11 +114,38 @@ def train(
     log_fn: LogFn | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """SFT (if configured) + preference training into ``out_dir``; publishes the result."""
+    """SFT (if configured) + preference training into ``out_dir``; publishes the result.
+
+    ``resume`` (the flow's content-keyed run folder): one process at a time works in the folder
+    (a lock in it, so a second ``grpo run`` of the same settings waits, then reuses the work);
+    a folder holding a finished training is read back, not trained again; else training
+    continues from the folder's newest checkpoint (``resumed_from_step``).
+    """
+    from tasks.locks import file_lock
     from tasks.train import train as fit
 
-    result = fit(pairs, model_cfg, train_cfg, out_dir, log_fn=log_fn, resume=resume)
+    if not resume:
+        result = fit(pairs, model_cfg, train_cfg, out_dir, log_fn=log_fn, resume=False)
+        return publish_train(result, root)
+    with file_lock(Path(out_dir) / TRAIN_LOCK):
+        result = finished_training(out_dir)
+        if result is None:
+            result = fit(pairs, model_cfg, train_cfg, out_dir, log_fn=log_fn, resume=True)
     return publish_train(result, root)
+
+
+def finished_training(out_dir: str | Path) -> dict[str, Any] | None:
+    """The result of a training that finished in ``out_dir`` (its ``result.json`` and policy are
+    there; ``resumed_from_step`` = its last step), else None. Its policy is not written again,
+    so a run evaluating it meanwhile reads whole files."""
+    from tasks.train import RESULT_FILE, load_result
+
+    if not (Path(out_dir) / RESULT_FILE).exists():
+        return None
+    result = load_result(out_dir)
+    if not Path(result["model_dir"]).exists():
+        return None
+    return {**result, "resumed_from_step": result["steps"]}
 
 
 def publish_train(result: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -182,9 +212,37 @@ def register(
     cfgs: Configs,
     model_uri: str | None,
     root: Path,
+    *,
+    lock: AbstractContextManager | None = None,
 ) -> dict[str, Any]:
     """The gate on the evaluation, the current champion re-scored on the same pairs, the
-    registry aliases; writes :data:`DECISION_JSON`."""
+    registry aliases; writes :data:`DECISION_JSON`.
+
+    All of it under ``lock`` (default: the file lock ``tasks.tracking.registry_lock`` names), so
+    two runs registering at once take turns, and each reads the champion afresh inside it.
+    """
+    from tasks.locks import file_lock
+    from tasks.tracking import registry_lock
+
+    if lock is None:
+        lock = file_lock(registry_lock(root), timeout=REGISTRY_WAIT_S)
+    with lock:
+        decision = _gate_and_register(run, evaluation, cfgs, model_uri, root)
+    write_json(
+        root / DECISION_JSON,
+        {"run_id": run["run_id"], "tracking_uri": run["tracking_uri"], **decision},
+    )
+    return decision
+
+
+def _gate_and_register(
+    run: dict[str, str],
+    evaluation: dict[str, Any],
+    cfgs: Configs,
+    model_uri: str | None,
+    root: Path,
+) -> dict[str, Any]:
+    """The gate, the registration, the aliases and the version's description (in the lock)."""
     from tasks.register import Evidence
     from tasks.register import register as gate
     from tasks.tracking import describe_version
@@ -201,10 +259,6 @@ def register(
         run["run_id"], evaluation["metrics"], cfgs.register, model_uri=model_uri, evidence=evidence
     )
     describe_version(run["run_id"], evaluation["metrics"], decision)  # the table, the decision
-    write_json(
-        root / DECISION_JSON,
-        {"run_id": run["run_id"], "tracking_uri": run["tracking_uri"], **decision},
-    )
     return decision
 
 
@@ -255,6 +309,7 @@ def stage_register(cfgs: Configs, root: Path) -> dict[str, Any]:
     data = {"git_rev": git_revision(root), **(read_json(ingested) if ingested.exists() else {})}
     run = tracking.open_run(root, cfgs.register.experiment, cfgs.resolved(), pipeline="dvc")
     try:
+        tracking.set_tags(run["run_id"], {tracking.RUN_FOLDER_TAG: TRAIN_DIR})
         tracking.record_data(run["run_id"], data)
         tracking.record_results(run["run_id"], trained, evaluation, cfgs.register.metric)
         model_uri = log_model(run["run_id"], trained, cfgs.register.log_model)

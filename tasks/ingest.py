@@ -2,9 +2,12 @@
 
 ``ingest(cfg)`` is what both ``dvc repro`` (through ``grpo ingest``) and the Prefect flow call.
 It writes ``<dir>/pairs.parquet`` (and ``<dir>/pairs.source.parquet`` for distributional
-sources) into a fresh folder that replaces ``<dir>`` only once complete, then ``dvc add <dir>``
-(→ ``<dir>.dvc``, i.e. ``data.dvc``) and ``dvc push`` to the default remote. The DVC md5 of the
+sources) into a fresh folder that replaces ``<dir>`` only once complete (an identical folder is
+kept), then ``dvc add <dir>`` (→ ``<dir>.dvc``, i.e. ``data.dvc``) and ``dvc push`` to the
+default remote. The DVC md5 of the
 folder and the git revision are returned: the data version recorded with every training run.
+Writing and versioning hold the project's ``ingest`` lock (:mod:`tasks.locks`), so two runs
+ingesting at once take turns instead of swapping the folder or running DVC under each other.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import yaml
 from grpo.config import from_dict
 from grpo.data.schema import write_pairs
 from grpo.data.sources import PAIRS_FILE, SOURCE_FILE, DataConfig, build_pairs
+from tasks.locks import file_lock, lock_path
 
 
 class DvcError(RuntimeError):
@@ -43,7 +47,16 @@ def ingest(
     root = Path(root).resolve()
     out_dir = (root / cfg.dir).resolve()
     pairs, source, groups = build_pairs(cfg)
+    # one process at a time swaps the folder and runs DVC on it (two `grpo run` at once)
+    with file_lock(lock_path(root, "ingest")):
+        return _write_and_track(cfg, root, out_dir, pairs, source, groups)
 
+
+def _write_and_track(
+    cfg: DataConfig, root: Path, out_dir: Path, pairs, source, groups
+) -> dict[str, Any]:
+    """The folder written (or kept when identical), hashed, and versioned: :func:`ingest`'s
+    result."""
     _replace_dir(out_dir, pairs, source)
     pairs_path = out_dir / PAIRS_FILE
     result: dict[str, Any] = {
@@ -73,8 +86,10 @@ def ingest(
     return result
 
 
-def _replace_dir(out_dir: Path, pairs, source) -> None:
-    """Write the new folder beside the old one, then swap: no half-written data on failure."""
+def _replace_dir(out_dir: Path, pairs, source) -> bool:
+    """Write the new folder beside the old one, then swap: no half-written data on failure.
+    An old folder with the same files, byte for byte, is kept as it is (a run reading it
+    meanwhile never finds it missing). Returns whether the folder was replaced."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the data folder is not
@@ -82,6 +97,9 @@ def _replace_dir(out_dir: Path, pairs, source) -> None:
         write_pairs(pairs, staging / PAIRS_FILE)
         if source is not None:
             write_source(source, staging / SOURCE_FILE)
+        if _same_files(staging, out_dir):
+            shutil.rmtree(staging)
+            return False
         if out_dir.is_symlink() or out_dir.is_file():
             out_dir.unlink()
         old = None
@@ -94,6 +112,17 @@ def _replace_dir(out_dir: Path, pairs, source) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return True
+
+
+def _same_files(new: Path, old: Path) -> bool:
+    """Whether folder ``old`` holds exactly ``new``'s files with the same bytes."""
+    if old.is_symlink() or not old.is_dir():
+        return False
+    names = sorted(p.name for p in new.iterdir())
+    if sorted(p.name for p in old.iterdir()) != names:
+        return False
+    return all((new / n).read_bytes() == (old / n).read_bytes() for n in names)
 
 
 def write_source(source, path: Path) -> None:

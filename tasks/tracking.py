@@ -27,6 +27,7 @@ records hold the same params, tags, metrics and artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -78,28 +79,78 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def unreachable(uri: str, timeout: float = 10.0) -> str | None:
+    """Why the MLflow server at ``uri`` does not answer its health check, in one line naming
+    the URI (None: it answers, or the store is not a server)."""
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"MLflow tracking server {uri} does not answer ({exc})"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def registry_lock(root: str | Path) -> Path:
+    """The lock file that serialises gate decisions and alias moves without a shared Prefect
+    server: beside a SQLite store's database (every checkout using that file shares it), else
+    in the project's lock folder (a server's registry, serialised on this machine only)."""
+    from tasks.locks import lock_path
+
+    db = sqlite_path(tracking_uri(root))
+    return db.with_name(f"{db.name}.registry.lock") if db else lock_path(root, "registry")
+
+
 def setup(root: str | Path, experiment: str) -> tuple[str, str]:
-    """Point MLflow at the store and return ``(tracking_uri, experiment_id)``."""
+    """Point MLflow at the store and return ``(tracking_uri, experiment_id)``.
+
+    A SQLite store is opened under a lock beside its database: MLflow creates a fresh
+    database's tables on first use, and two processes doing so at once fail (measured: 5 of 8
+    processes, 'duplicate column name' or an alembic version error).
+    """
     _quiet()
     import mlflow
 
+    from tasks.locks import file_lock
+
     uri = tracking_uri(root)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    lock = file_lock(db.with_name(f"{db.name}.lock")) if db else contextlib.nullcontext()
+    with lock:
+        client = mlflow.MlflowClient(uri, uri)
+        client.search_registered_models(max_results=1)  # the registry's tables too
+        return uri, _experiment(client, experiment, artifact_root(uri))
+
+
+def _experiment(client, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created (tagged) if missing; another process creating it at the
+    same moment is no error."""
+    from mlflow.exceptions import MlflowException
+
     tags = {**EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_NOTE}
-    found = client.get_experiment_by_name(experiment)
+    found = client.get_experiment_by_name(name)
     if found is None:
-        created = client.create_experiment(
-            experiment, artifact_location=artifact_root(uri), tags=tags
-        )
-        return uri, created
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
     for key, value in tags.items():  # an experiment made before these conventions gets them
         if key not in found.tags:
             client.set_experiment_tag(found.experiment_id, key, value)
-    return uri, found.experiment_id
+    return found.experiment_id
 
 
 def ui_url(uri: str) -> str:
@@ -411,6 +462,56 @@ def close_run(run_id: str, status: str, failure: Mapping[str, Any] | None = None
         if failure.get("report_path"):
             log_artifact(run_id, failure["report_path"], "validation")
     end_run(run_id, status)
+
+
+RUN_FOLDER_TAG = "pipeline.run_folder"  # where the run trains, relative to the project root
+RUN_LOCK = "run-{run_id}"  # tasks.locks name, held by a flow run's process while it lives
+
+
+def end_abandoned_run(run_id: str, found_by: str, run_folder: str | None) -> bool:
+    """Mark a run whose process is gone KILLED, if it is still RUNNING (True when marked).
+
+    Tags ``pipeline.error`` (what happened, which run found it) and, when it trained in the
+    same run folder as ``found_by`` (whose run then resumes or reuses that work),
+    ``pipeline.superseded_by`` = ``found_by``.
+    """
+    run = client().get_run(run_id)
+    if run.info.status != "RUNNING":
+        return False
+    tags = {
+        "pipeline.error": "the run's process ended without closing it (killed, or the tracking "
+        f"store was unreachable at its end); found by run {found_by}"
+    }
+    if run_folder is not None and run.data.tags.get(RUN_FOLDER_TAG) == run_folder:
+        tags["pipeline.superseded_by"] = found_by
+    set_tags(run_id, tags)
+    end_run(run_id, "KILLED")
+    return True
+
+
+def reap_abandoned_runs(root: str | Path, run_id: str, run_folder: str | None) -> list[str]:
+    """End (:func:`end_abandoned_run`) every run of this project whose process is gone: its
+    ``run-<id>.lock`` is free. Returns their ids. A run this store does not know (the lock of
+    a run in another store) is left alone, its lock file kept."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.locks import LOCKS_DIR, release, try_lock
+
+    ended = []
+    for path in sorted((Path(root) / LOCKS_DIR).glob(RUN_LOCK.format(run_id="*") + ".lock")):
+        other = path.name[len("run-") : -len(".lock")]
+        handle = None if other == run_id else try_lock(path)
+        if handle is None:  # this run, or one whose process still holds its lock
+            continue
+        try:
+            if end_abandoned_run(other, run_id, run_folder):
+                ended.append(other)
+            path.unlink(missing_ok=True)
+        except MlflowException:
+            pass
+        finally:
+            release(handle)
+    return ended
 
 
 def log_results(

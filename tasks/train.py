@@ -34,12 +34,14 @@ def train(
 
     Keys: ``out_dir``, ``model_dir``, ``reference_dir``, ``method``, ``groups``, ``alpha``,
     ``weights``, ``steps``, ``stopped_early``, ``best``, ``history`` (one dict per step),
-    ``history_path`` (CSV for ``dvc plots``).
+    ``history_path`` (CSV for ``dvc plots``), ``resumed_from_step`` (the checkpoint's step
+    training continued from; None when it started afresh).
     """
     from grpo.data.schema import read_pairs
     from grpo.trainer import train as run_training
 
     out_dir = Path(out_dir)
+    resumed_from = resume_step(out_dir) if resume else None
     result = run_training(
         read_pairs(pairs_path), model_cfg, train_cfg, out_dir, log_fn=log_fn, resume=resume
     )
@@ -56,10 +58,19 @@ def train(
         "best": dict(result.best),
         "collapse": result.collapse,  # the first step α put > 0.99 on one group, or None
         "history": [dict(h) for h in result.history],
+        "resumed_from_step": resumed_from,
     }
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes files
         return save_result(summary, out_dir)
     return {**summary, "history_path": str(out_dir / HISTORY_FILE)}
+
+
+def resume_step(out_dir: Path) -> int | None:
+    """The step of the checkpoint :func:`train` would resume from (None: none in ``out_dir``)."""
+    from grpo.checkpoint import checkpoint_dirs
+
+    found = checkpoint_dirs(out_dir)
+    return int(found[-1].name.removeprefix("step-")) if found else None
 
 
 def save_result(result: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:

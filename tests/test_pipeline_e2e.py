@@ -261,7 +261,7 @@ def test_failed_training_is_one_line_and_registers_nothing(project, capsys):
 
 # --- one stage path: `dvc repro` and `grpo run` give the same outputs and the same record ----
 
-RUN_SPECIFIC_TAGS = {"pipeline", "registered.version", "champion.reason"}
+RUN_SPECIFIC_TAGS = {"pipeline", "registered.version", "champion.reason", "pipeline.run_folder"}
 
 
 def _project_with_dvc(path: Path) -> Path:

@@ -56,12 +56,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from mlflow.exceptions import MlflowException
 
+    from flows.stages import REGISTRY_WAIT_S
     from tasks import tracking
+    from tasks.locks import file_lock
     from tasks.register import GateRejected, promote
 
     tracking.setup(root, cfg.experiment)
-    try:
-        out = promote(args.name, args.version, cfg, force=args.force)
+    try:  # the lock `grpo run` registers under (without a shared Prefect server)
+        with file_lock(tracking.registry_lock(root), timeout=REGISTRY_WAIT_S):
+            out = promote(args.name, args.version, cfg, force=args.force)
     except GateRejected as exc:
         print(f"grpo promote: refused: {exc}", file=sys.stderr)
         return 1

@@ -127,18 +127,10 @@ def show_stage_lines() -> None:
 
 def tracking_unreachable(root: Path) -> str | None:
     """A one-line reason when an MLflow server URI does not answer (None: fine or not HTTP)."""
-    import urllib.request
+    from tasks.tracking import tracking_uri, unreachable
 
-    from tasks.tracking import tracking_uri
-
-    uri = tracking_uri(root)
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
-            return None
-    except OSError as exc:
-        return f"MLflow tracking server {uri} does not answer ({exc}); check MLFLOW_TRACKING_URI"
+    problem = unreachable(tracking_uri(root))
+    return f"{problem}; check MLFLOW_TRACKING_URI" if problem else None
 
 
 def start_local_server():

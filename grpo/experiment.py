@@ -27,6 +27,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ METRICS: tuple[str, ...] = ("reward_accuracy", "logprob_accuracy", "loss")
 ACCURACIES: tuple[str, ...] = ("reward_accuracy", "logprob_accuracy")
 RUN_FILE = "run.json"
 REFERENCE_KEY_FILE = "reference.json"
+# the train settings SFT and the reference log-probs depend on (grpo.sft, grpo.trainer)
+REFERENCE_TRAIN_KEYS = (
+    "sft_epochs", "sft_lr", "sft_batch_size", "seed", "grad_accum", "grad_clip", "weight_decay",
+    "fast_logprobs", "shared_prompt",
+)  # fmt: skip
 
 DataForSeed = Callable[[int], pd.DataFrame]
 Progress = Callable[[int, str], None]  # (runs finished, what runs now)
@@ -61,6 +67,7 @@ class ExperimentConfig:
     confidence: float = 0.95
     keep_models: bool = False  # keep every policy and reference (GBs for a real model)
     resume: bool = True  # reuse a finished (seed, method) run whose settings and data match
+    workers: int = 1  # processes running the seeds' references and runs side by side
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded as given
 
     def __post_init__(self) -> None:
@@ -72,6 +79,8 @@ class ExperimentConfig:
             raise ValueError(f"seeds: need distinct seeds, got {list(self.seeds)}")
         if self.bootstrap_samples < 1:
             raise ValueError(f"bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
 def run_experiment(
@@ -84,19 +93,17 @@ def run_experiment(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Every (seed, method) run, then :func:`summarise`. Run folders go under
-    ``out_dir/runs/seed-<s>/<method>/`` (``run.json`` each: the record of that run)."""
+    ``out_dir/runs/seed-<s>/<method>/`` (``run.json`` each: the record of that run).
+
+    With ``cfg.workers`` > 1 the references, then the runs, are spread over that many worker
+    processes (``model.threads`` torch threads each); what each run computes is the same."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    records: list[dict[str, Any]] = []
-    references: dict[int, dict[str, Any]] = {}
-    for seed in cfg.seeds:
-        pairs = check_seed_pairs(data_for_seed(seed), seed)
-        seed_model = dataclasses.replace(model_cfg, init_seed=seed)
-        seed_train = dataclasses.replace(train_cfg, seed=seed)
-        runs, references[seed] = _seed_runs(
-            pairs, seed, seed_model, seed_train, cfg, out_dir, progress, len(records)
-        )
-        records += runs
+    jobs = [
+        seed_job(check_seed_pairs(data_for_seed(seed), seed), seed, model_cfg, train_cfg, out_dir)
+        for seed in cfg.seeds
+    ]
+    records, references = _schedule(jobs, cfg, progress)
     if progress is not None:
         progress(len(records), "done")
     results = summarise(records, cfg, time.perf_counter() - start)
@@ -121,44 +128,163 @@ def check_seed_pairs(pairs: pd.DataFrame, seed: int) -> pd.DataFrame:
     return pairs.reset_index(drop=True)
 
 
-def _seed_runs(
-    pairs: pd.DataFrame,
-    seed: int,
-    model_cfg: Any,
-    train_cfg: Any,
-    cfg: ExperimentConfig,
-    out_dir: Path,
-    progress: Progress | None,
-    done: int,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One seed: the reference (made at most once), then every method from it."""
-    seed_dir = out_dir / "runs" / f"seed-{seed}"
-    fit = pairs[pairs["split"] != "test"].reset_index(drop=True)  # what training may read
-    test = pairs[pairs["split"] == "test"].reset_index(drop=True)
-    data_key = frame_digest(pairs)
-    records, reference, info = [], None, {"sft_seconds": 0.0, "made": False}
-    for method in cfg.methods:
-        run_train = dataclasses.replace(train_cfg, method=method)
-        key = run_key(model_cfg, run_train, data_key)
-        cached = _cached_run(seed_dir / method, key) if cfg.resume else None
-        if cached is not None:
-            records.append(cached)
-            continue
-        if progress is not None:
-            progress(done + len(records), f"seed {seed}: {method}")
-        if reference is None:
-            reference, info = _reference(fit, model_cfg, train_cfg, seed_dir, data_key, cfg)
-            ref_test = _test_reference(reference, test, model_cfg, train_cfg)
-        record = _train_and_score(fit, test, ref_test, reference, model_cfg, run_train, seed_dir)
-        record.update(seed=seed, method=method, key=key)
-        write_json(seed_dir / method / RUN_FILE, record)
-        if not cfg.keep_models:
-            _drop_models(seed_dir / method)
-        records.append(record)
-    if reference is not None and not cfg.keep_models:
-        shutil.rmtree(seed_dir / "reference", ignore_errors=True)
-        shutil.rmtree(seed_dir / "tokenizer", ignore_errors=True)
-    return records, info
+@dataclass
+class SeedJob:
+    """One seed's data and settings: ``fit`` (train + validation: all that training and
+    selection may read) and ``test`` (scored after training)."""
+
+    seed: int
+    fit: pd.DataFrame
+    test: pd.DataFrame
+    model_cfg: Any
+    train_cfg: Any
+    seed_dir: Path
+    data_key: str
+
+
+def seed_job(
+    pairs: pd.DataFrame, seed: int, model_cfg: Any, train_cfg: Any, out_dir: Path
+) -> SeedJob:
+    """Seed s sets ``model.init_seed`` and ``train.seed``; the test split is set aside here."""
+    return SeedJob(
+        seed=seed,
+        fit=pairs[pairs["split"] != "test"].reset_index(drop=True),
+        test=pairs[pairs["split"] == "test"].reset_index(drop=True),
+        model_cfg=dataclasses.replace(model_cfg, init_seed=seed),
+        train_cfg=dataclasses.replace(train_cfg, seed=seed),
+        seed_dir=out_dir / "runs" / f"seed-{seed}",
+        data_key=frame_digest(pairs),
+    )
+
+
+def _schedule(
+    jobs: list[SeedJob], cfg: ExperimentConfig, progress: Progress | None
+) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """Finished runs are reused; a seed with runs to do gets its reference (SFT) first, then its
+    runs. Tasks start in submission order: every seed's reference, then the runs."""
+    records, todo = _finished_runs(jobs, cfg)
+    references: dict[int, dict[str, Any]] = {}
+    with _executor(cfg.workers) as pool:
+        pending = {pool.submit(_reference_task, job, cfg.resume): (job, None)
+                   for job in jobs if job.seed in todo}  # fmt: skip
+        while pending:
+            if progress is not None:
+                progress(len(records), _running(pending, cfg.workers))
+            for future in pool.wait_one(pending):
+                job, method = pending.pop(future)
+                if method is None:  # the seed's reference is ready: queue its runs
+                    folder, ref_test, references[job.seed] = future.result()
+                    for m in todo[job.seed]:
+                        task = pool.submit(_run_task, job, m, folder, ref_test, cfg.keep_models)
+                        pending[task] = (job, m)
+                    continue
+                records[(job.seed, method)] = future.result()
+                if not cfg.keep_models and all((job.seed, m) in records for m in cfg.methods):
+                    _drop_reference(job.seed_dir)
+    return [records[(j.seed, m)] for j in jobs for m in cfg.methods], references
+
+
+def _finished_runs(
+    jobs: list[SeedJob], cfg: ExperimentConfig
+) -> tuple[dict[tuple[int, str], dict[str, Any]], dict[int, list[str]]]:
+    """({(seed, method): record} of runs finished earlier with the same key, {seed: methods to
+    run})."""
+    records: dict[tuple[int, str], dict[str, Any]] = {}
+    todo: dict[int, list[str]] = {}
+    for job in jobs:
+        for method in cfg.methods:
+            train_cfg = dataclasses.replace(job.train_cfg, method=method)
+            key = run_key(job.model_cfg, train_cfg, job.data_key)
+            cached = _cached_run(job.seed_dir / method, key) if cfg.resume else None
+            if cached is not None:
+                records[(job.seed, method)] = cached
+            else:
+                todo.setdefault(job.seed, []).append(method)
+    return records, todo
+
+
+def _running(pending: dict, workers: int) -> str:
+    """What runs now: the first ``workers`` pending tasks (a pool starts them in order)."""
+    names = [f"seed {j.seed}: {m or 'SFT'}" for j, m in list(pending.values())[:workers]]
+    return ", ".join(names)
+
+
+def _reference_task(job: SeedJob, resume: bool):
+    """(reference folder, the test pairs' log-probs under it, info), made once per seed."""
+    from grpo.modeling import use_threads
+
+    use_threads(job.model_cfg)
+    folder, info = _reference(job, resume)
+    return folder, _test_reference(folder, job.test, job.model_cfg, job.train_cfg), info
+
+
+def _run_task(job: SeedJob, method: str, reference: Path, ref_test, keep_models: bool):
+    """Train ``method`` from the seed's reference, score it on the test pairs, write run.json."""
+    from grpo.modeling import use_threads
+
+    use_threads(job.model_cfg)
+    train_cfg = dataclasses.replace(job.train_cfg, method=method)
+    record = _train_and_score(
+        job.fit, job.test, ref_test, reference, job.model_cfg, train_cfg, job.seed_dir
+    )
+    record.update(seed=job.seed, method=method, key=run_key(job.model_cfg, train_cfg, job.data_key))
+    write_json(job.seed_dir / method / RUN_FILE, record)
+    if not keep_models:
+        _drop_models(job.seed_dir / method)
+    return record
+
+
+def _drop_reference(seed_dir: Path) -> None:
+    shutil.rmtree(seed_dir / "reference", ignore_errors=True)
+    shutil.rmtree(seed_dir / "tokenizer", ignore_errors=True)
+
+
+class _InProcess:
+    """One worker, this process: a task runs when it is waited for, in submission order."""
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        future.task = (fn, args)  # type: ignore[attr-defined]
+        return future
+
+    def wait_one(self, pending: dict) -> list[Future]:
+        future = next(iter(pending))
+        fn, args = future.task  # type: ignore[attr-defined]
+        future.set_result(fn(*args))
+        return [future]
+
+
+class _Pool:
+    """Worker processes, spawned (no forked torch or thread-pool state)."""
+
+    def __init__(self, workers: int) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(workers, mp_context=context)
+
+    def __enter__(self) -> _Pool:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.pool.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def wait_one(self, pending: dict) -> list[Future]:
+        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+        return list(done)
+
+
+def _executor(workers: int) -> _InProcess | _Pool:
+    return _Pool(workers) if workers > 1 else _InProcess()
 
 
 # --------------------------------------------------------------------------- one seed's pieces
@@ -175,7 +301,20 @@ def run_key(model_cfg: Any, train_cfg: Any, data_key: str) -> str:
     from grpo.config import to_dict
 
     settings = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data": data_key}
-    settings["train"].pop("progress", None)  # a progress bar changes nothing computed
+    settings["train"].pop("progress", None)  # a progress bar and the CPU threads change
+    settings["model"].pop("threads", None)  # nothing computed
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_key(model_cfg: Any, train_cfg: Any, data_key: str) -> str:
+    """What the reference depends on: the model settings, the data, and SFT's own settings
+    (not the preference method's, so a rerun with another η_α or lr reuses the SFT)."""
+    from grpo.config import to_dict
+
+    train = to_dict(train_cfg)
+    sft = {k: train[k] for k in REFERENCE_TRAIN_KEYS}
+    model = {k: v for k, v in to_dict(model_cfg).items() if k != "threads"}
+    settings = {"model": model, "train": sft, "data": data_key}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -187,27 +326,20 @@ def _cached_run(run_dir: Path, key: str) -> dict[str, Any] | None:
     return record if record.get("key") == key else None
 
 
-def _reference(
-    fit: pd.DataFrame,
-    model_cfg: Any,
-    train_cfg: Any,
-    seed_dir: Path,
-    data_key: str,
-    cfg: ExperimentConfig,
-) -> tuple[Path, dict[str, Any]]:
+def _reference(job: SeedJob, resume: bool) -> tuple[Path, dict[str, Any]]:
     """The seed's reference: reused when an earlier call left one for the same settings and data
     (``reference.json`` holds its key), else made by :func:`grpo.trainer.prepare_reference`."""
     from grpo.trainer import prepare_reference
 
-    key = run_key(model_cfg, dataclasses.replace(train_cfg, method="dpo"), data_key)
-    marker, folder = seed_dir / REFERENCE_KEY_FILE, seed_dir / "reference"
-    if cfg.resume and marker.exists() and (folder / "grpo.json").exists():
+    key = reference_key(job.model_cfg, job.train_cfg, job.data_key)
+    marker, folder = job.seed_dir / REFERENCE_KEY_FILE, job.seed_dir / "reference"
+    if resume and marker.exists() and (folder / "grpo.json").exists():
         info = read_json(marker)
         if info.get("key") == key:
             return folder, {**info, "made": False}
     marker.unlink(missing_ok=True)
     start = time.perf_counter()
-    folder = prepare_reference(fit, model_cfg, train_cfg, seed_dir)
+    folder = prepare_reference(job.fit, job.model_cfg, job.train_cfg, job.seed_dir)
     sft_losses = read_json(folder / "grpo.json").get("sft_losses", [])
     info = {
         "key": key,

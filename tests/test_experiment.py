@@ -264,7 +264,7 @@ def test_reproduce_goqa_two_countries(tmp_path, monkeypatch, spies):
     (tmp_path / "params.yaml").write_text("")
     countries = ["Nigeria", "Japan"]
     code = main(["reproduce", "goqa", "--countries", ",".join(countries), "--model", "",
-                 "--seeds", "2", "--methods", "ipo,gr-ipo", "--out", "out",
+                 "--seeds", "2", "--methods", "ipo,gr-ipo", "--workers", "1", "--out", "out",
                  *_sets([*TINY, "model.lora=false", f"data.globalopinionqa.path={GOQA_FILE}"])])  # fmt: skip
     assert code == 0
     results = json.loads((tmp_path / "out/results.json").read_text())
@@ -315,3 +315,40 @@ def test_a_rerun_reuses_finished_runs(tmp_path, monkeypatch, spies):
     again = json.loads((tmp_path / "out/results.json").read_text())
     assert again["methods"] == first["methods"]
     assert not math.isnan(again["methods"]["dpo"]["worst_group"]["loss"]["mean"])
+
+
+def test_the_reference_key_follows_sft_settings_only():
+    from grpo.modeling import ModelConfig
+    from grpo.trainer import TrainConfig
+
+    model, train = ModelConfig(), TrainConfig()
+    key = experiment.reference_key(model, train, "data")
+    assert experiment.reference_key(model, TrainConfig(eta_alpha=0.3, lr=0.1), "data") == key
+    assert experiment.reference_key(model, TrainConfig(sft_lr=0.1), "data") != key
+    assert experiment.reference_key(model, TrainConfig(seed=1), "data") != key
+    assert experiment.reference_key(ModelConfig(lora=True), train, "data") != key
+    assert experiment.reference_key(model, train, "other data") != key
+    # a run's key covers every setting that changes what it computes
+    assert experiment.run_key(model, TrainConfig(eta_alpha=0.3), "data") != experiment.run_key(
+        model, train, "data"
+    )
+    assert experiment.run_key(model, TrainConfig(progress=False), "data") == experiment.run_key(
+        model, train, "data"
+    )
+
+
+def test_two_worker_processes_compute_what_one_does(tmp_path, monkeypatch):
+    """References and runs spread over two spawned processes: the same per-pair test values."""
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("")
+    sets = _sets([*TINY, "data.generated.n_pairs=160", "model.threads=1"])
+    assert main(["compare", "--seeds", "2", "--out", "one", *sets]) == 0
+    assert main(["compare", "--seeds", "2", "--workers", "2", "--out", "two", *sets]) == 0
+    one = json.loads((tmp_path / "one/results.json").read_text())
+    two = json.loads((tmp_path / "two/results.json").read_text())
+    for a, b in zip(one["runs"], two["runs"], strict=True):
+        assert (a["seed"], a["method"]) == (b["seed"], b["method"])
+        assert a["test"] == b["test"]
+    assert one["methods"] == two["methods"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=main)
 
 
-def add_experiment_arguments(parser: argparse.ArgumentParser, seeds: int = 3) -> None:
+def add_experiment_arguments(
+    parser: argparse.ArgumentParser, seeds: int = 3, workers: int = 1
+) -> None:
     """The options ``grpo compare`` and ``grpo reproduce goqa`` share."""
     parser.add_argument("--seeds", type=int, default=seeds, help="number of seeds (default: %(default)s)")  # fmt: skip
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads (default 0: torch's own choice)"
+        "--workers",
+        type=int,
+        default=workers,
+        help="processes training side by side (default %(default)s); each uses model.threads "
+        "torch threads",
     )
     parser.add_argument(
         "--keep-models", action="store_true", help="keep every policy and reference on disk"
@@ -148,7 +155,8 @@ def experiment_config(
         model_name=model,
         keep_models=args.keep_models,
         resume=not args.no_resume,
-        settings=plain | {"threads": args.threads or None},
+        settings=plain | {"workers": args.workers},
+        workers=args.workers,
     )
 
 
@@ -165,13 +173,9 @@ def run_and_report(
     root: Path,
 ) -> int:
     """Run the experiment under a progress bar, write and print the results, log to MLflow."""
-    import torch
-
     from grpo.experiment import run_experiment
     from grpo.experiment_report import write_outputs
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         with run_progress(len(exp.seeds) * len(exp.methods)) as progress:
             results = run_experiment(
@@ -203,11 +207,15 @@ class run_progress:
 
         show = sys.stderr.isatty() and not os.environ.get("CI")
         self.bar = tqdm(total=self.total, unit="run", disable=not show, dynamic_ncols=True)
+        start = time.monotonic()
 
         def progress(done: int, what: str) -> None:
             self.bar.n = done
             self.bar.set_description(what)
             self.bar.refresh()
+            if not show:  # a log file (nohup, CI) still gets one line per run
+                print(f"[{time.monotonic() - start:7.0f} s] {done}/{self.total} runs done; "
+                      f"now: {what}", file=sys.stderr, flush=True)  # fmt: skip
 
         return progress
 

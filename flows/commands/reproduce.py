@@ -149,21 +149,22 @@ DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
 # chosen so the default run (5 countries, 3 methods, 3 seeds) fits in 45 minutes on 2 CPU cores
 # (docs/goqa.md, "Settings and why").
 GOQA_SETTINGS: tuple[str, ...] = (
+    "model.threads=1",
     "model.lora=true",
     "model.lora_r=16",
     "model.lora_alpha=32",
     "model.max_prompt_tokens=256",
     "model.max_response_tokens=4",
     "train.beta=0.01",
-    "train.eta_alpha=0.02",
+    "train.eta_alpha=0.1",
     "train.lr=0.0002",
     "train.batch_size=16",
     "train.epochs=2",
-    "train.eval_every=5",
+    "train.eval_every=0",
     "train.eval_batch_size=16",
     "train.scheduler_patience=100",
     "train.early_stop_patience=0",
-    "train.keep_best=true",
+    "train.keep_best=false",
     "train.sft_epochs=1",
     "train.sft_lr=0.0002",
     "train.sft_batch_size=16",
@@ -217,8 +218,7 @@ def register_goqa(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="folder, .gguf or Hub id (default: %(default)s)"
     )
-    add_experiment_arguments(parser)
-    parser.set_defaults(params=None)
+    add_experiment_arguments(parser, workers=2)
     add_params_arguments(parser, "train.eta_alpha=0.05")
     parser.set_defaults(func=goqa_main, params=None)
 

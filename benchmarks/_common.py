@@ -65,6 +65,12 @@ class BenchSettings:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"  # transformers' name; ours builds the same torch.optim.AdamW
     eta_alpha: float = 0.01
+    loss: str = "dpo"  # dpo (TRL's "sigmoid") | ipo (TRL's "ipo"); ours: dpo/gr-dpo or ipo/gr-ipo
+    # a saved model folder (e.g. models/SmolLM2-135M-Instruct) instead of the GPT-2 above
+    model: str = ""
+    lora: bool = False  # LoRA adapters (peft's default modules) on both sides
+    lora_r: int = 16
+    lora_alpha: int = 32
     # timing
     warmup_steps: int = 3
     window_steps: int = 8
@@ -82,7 +88,16 @@ class BenchSettings:
             raise ValueError("warmup_steps must be >= 1 (the first step is never timed)")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.loss not in ("dpo", "ipo"):
+            raise ValueError(f"loss: dpo or ipo, got {self.loss!r}")
+        if self.model and not (Path(self.model) / "config.json").exists():
+            raise ValueError(f"model: {self.model} holds no saved model (config.json)")
         self.countries = tuple(self.countries)
+
+    @property
+    def first_step_loss(self) -> float:
+        """The loss at zero margin (policy = reference): log 2, or 1/(4β²) for IPO."""
+        return LOG2 if self.loss == "dpo" else 1.0 / (4.0 * self.beta**2)
 
     @property
     def total_steps(self) -> int:
@@ -161,6 +176,8 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pairs = load_goqa_pairs(settings)
+    if settings.model:
+        return _link_saved_model(settings, workdir, pairs)
     texts = [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs]
     tokenizer = train_tokenizer(texts, settings.vocab_size)  # the pipeline's offline BPE
     lengths = check_same_tokens(tokenizer, pairs)
@@ -185,6 +202,36 @@ def prepare_workdir(settings: BenchSettings, workdir: str | Path) -> dict[str, A
         "tokenizer_vocab": len(tokenizer),
         "model_vocab": model.config.vocab_size,
         "parameters": n_params,
+    }
+
+
+def _link_saved_model(
+    settings: BenchSettings, workdir: Path, pairs: list[dict[str, str]]
+) -> dict[str, Any]:
+    """``workdir/model`` → the saved model folder (a link: no copy of its weights); its own
+    tokenizer, checked to give TRL and ours the same tokens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = Path(settings.model).resolve()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    lengths = check_same_tokens(tokenizer, pairs)
+    if max(lengths) > settings.max_length:
+        raise ValueError(f"the longest pair has {max(lengths)} tokens > max_length")
+    link = workdir / "model"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(source, target_is_directory=True)
+    _write_jsonl(workdir / "pairs.jsonl", pairs)
+    config = AutoConfig.from_pretrained(source)
+    return {
+        "pairs": len(pairs),
+        "groups": sorted({p["group"] for p in pairs}),
+        "tokens_per_pair_median": statistics.median(lengths),
+        "tokens_per_pair_max": max(lengths),
+        "tokenizer_vocab": len(tokenizer),
+        "model_vocab": config.vocab_size,
+        "model": str(source),
+        "model_type": config.model_type,
     }
 
 
@@ -369,6 +416,16 @@ def trl_dataset(workdir: Path, eos: str):
     )
 
 
+def trl_lora(s: BenchSettings):
+    """TRL's peft config: the same adapters as ours (peft's default modules, r, alpha, no
+    dropout); None for full fine-tuning."""
+    if not s.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
 def trl_config(s: BenchSettings, out_dir: str | Path, steps: int):
     """TRL's DPOConfig for the comparison: sigmoid loss, precomputed reference log-probs, the
     same AdamW/lr/clipping as ours, bf16 and gradient checkpointing off, no logging/eval/saving."""
@@ -386,7 +443,7 @@ def trl_config(s: BenchSettings, out_dir: str | Path, steps: int):
         optim=s.optim,
         max_grad_norm=s.max_grad_norm,
         beta=s.beta,
-        loss_type=["sigmoid"],
+        loss_type=["sigmoid" if s.loss == "dpo" else "ipo"],
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=s.batch_size,
         max_length=s.max_length,

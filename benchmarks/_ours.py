@@ -70,6 +70,8 @@ def open_session(
     workdir = Path(workdir)
     model_dir = workdir / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     pairs = read_jsonl(workdir / "pairs.jsonl")
     model_cfg = ModelConfig(
         name_or_path=str(model_dir),
@@ -77,6 +79,9 @@ def open_session(
         max_response_tokens=32,
         device=device,
         dtype=dtype,
+        lora=s.lora,
+        lora_r=s.lora_r,
+        lora_alpha=s.lora_alpha,
     )
     torch.manual_seed(s.seed)
     model = load_model(model_cfg, tokenizer)
@@ -119,6 +124,10 @@ def open_session(
         autocast=autocast(dev, dtype),
     )
     reference_s = time.perf_counter() - t0
+    if s.lora:  # adapters on the scored reference, as grpo.trainer.train adds them
+        from grpo.modeling import add_lora
+
+        model = add_lora(model, model_cfg)
     trainer = PreferenceTrainer(
         model,
         encoded,

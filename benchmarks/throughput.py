@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import (
-    LOG2,
     BenchSettings,
     StepClock,
     machine_info,
@@ -35,12 +34,20 @@ from benchmarks._common import (
     set_threads,
     trl_config,
     trl_dataset,
+    trl_lora,
     window_rates,
 )
 from grpo.io import write_json
 
 TRAINERS = ("trl", "dpo", "grdpo")
 LABELS = {"trl": "TRL DPOTrainer", "dpo": "ours, DPO", "grdpo": "ours, GR-DPO"}
+IPO_LABELS = {"trl": "TRL DPOTrainer (ipo)", "dpo": "ours, IPO", "grdpo": "ours, GR-IPO"}
+
+
+def label(name: str, loss: str = "dpo") -> str:
+    return (LABELS if loss == "dpo" else IPO_LABELS)[name]
+
+
 LOSS_TOL = 1e-4
 REF_TOL = 1e-3  # summed log-probs of up to ~160 tokens, fp32, two code paths
 
@@ -50,6 +57,8 @@ EPILOG = """examples:
   python -m benchmarks.throughput --steps 16 --windows 2 --repeats 1 --trainers dpo,grdpo
   python -m benchmarks.throughput --layers 2 --dim 64 --vocab 512 --max-pairs 64 --steps 4 \\
       --windows 2 --repeats 1                                   # a smoke run (~30 s)
+  python -m benchmarks.throughput --model models/SmolLM2-135M-Instruct --loss ipo --beta 0.01 \\
+      --max-pairs 96 --warmup 2 --steps 8 --windows 2 --repeats 2 [--lora]   # the real model
 """
 
 
@@ -91,6 +100,7 @@ def run_trl(workdir: Path, s: BenchSettings) -> dict[str, Any]:
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=[_Clock()],
+            peft_config=trl_lora(s),
         )
         setup_s = time.perf_counter() - t0
         if torch.cuda.is_available():
@@ -166,7 +176,10 @@ def worker_main(name: str, workdir: Path, out: Path) -> int:
     if name == "trl":
         result = run_trl(workdir, settings)
     elif name in ("dpo", "grdpo"):
-        result = run_ours(workdir, settings, "dpo" if name == "dpo" else "gr-dpo")
+        # "dpo" is our pooled method, "grdpo" the robust one, of the configured loss
+        result = run_ours(
+            workdir, settings, settings.loss if name == "dpo" else f"gr-{settings.loss}"
+        )
     else:
         raise ValueError(f"unknown trainer {name!r}; expected one of {TRAINERS}")
     write_json(out, result, sort_keys=True)
@@ -238,8 +251,10 @@ def summarise(
         for run in rs:
             run.pop("reference_logps", None)
     losses = {n: summary[f"{n}_first_step_loss"] for n in runs}
+    expected = s.first_step_loss  # log 2, or 1/(4β²) for IPO: tolerance relative to it
     summary["first_step_losses_agree"] = all(
-        math.isfinite(v) and abs(v - LOG2) < LOSS_TOL for v in losses.values()
+        math.isfinite(v) and abs(v - expected) < LOSS_TOL * max(1.0, expected)
+        for v in losses.values()
     )
     diff = summary["reference_logps_max_abs_diff"]
     summary["same_reference_logps"] = diff is None or diff < REF_TOL
@@ -313,6 +328,8 @@ def _targets(r: dict[str, float]) -> dict[str, Any]:
 
 def format_table(summary: dict[str, Any]) -> str:
     names = [n for n in TRAINERS if f"{n}_pairs_per_s" in summary]
+    settings = BenchSettings.from_json(summary["settings"])
+    kind, expected = settings.loss, settings.first_step_loss
     base = "trl" if "trl" in names else None
     lines = [
         "| trainer | pairs/s (wall) | × TRL | pairs per CPU-s | × TRL | peak RSS (MB) | × TRL "
@@ -327,19 +344,20 @@ def format_table(summary: dict[str, Any]) -> str:
         xm = f"{mb / summary['trl_peak_mb']:.2f}" if base else "-"
         loss = summary[f"{n}_first_step_loss"]
         lines.append(
-            f"| {LABELS[n]} | {sp:.1f} | {xs} | {cp:.1f} | {xc} | {mb:.0f} | {xm} | {loss:.6f} |"
+            f"| {label(n, kind)} | {sp:.1f} | {xs} | {cp:.1f} | {xc} | {mb:.0f} | {xm} | {loss:.6f} |"
         )
     r = summary["ratios"]
     if "grdpo_over_dpo_time_per_pair" in r:
         lines.append("")
         lines.append(
-            "GR-DPO time per pair / DPO: "
+            f"{label('grdpo', kind)[6:]} time per pair / {label('dpo', kind)[6:]}: "
             f"{r['grdpo_over_dpo_time_per_pair']:.3f} wall (pooled windows), "
             f"{r['grdpo_over_dpo_time_per_pair_paired_median']:.3f} wall (median of adjacent "
             f"runs), {r['grdpo_over_dpo_time_per_pair_cpu_time']:.3f} CPU time"
         )
     lines.append(
-        f"first-step losses = log 2 = {LOG2:.6f} (±{LOSS_TOL:g}): "
+        f"first-step losses = the loss at zero margin = {expected:.6f} "
+        f"(±{LOSS_TOL * max(1.0, expected):g}): "
         f"{'yes' if summary['first_step_losses_agree'] else 'NO'}"
     )
     diff = summary.get("reference_logps_max_abs_diff")
@@ -371,7 +389,7 @@ def benchmark(
                 runs[name].append(res)
                 if progress:
                     print(
-                        f"[{rep + 1}/{repeats}] {LABELS[name]:<15} {res['pairs_per_s']:7.2f} pairs/s"
+                        f"[{rep + 1}/{repeats}] {label(name, settings.loss):<15} {res['pairs_per_s']:7.2f} pairs/s"
                         f"  peak {res['peak_rss_mb']:6.0f} MB  first loss {res['first_step_loss']:.6f}"
                         f"  ({time.perf_counter() - t0:.0f} s)",
                         file=sys.stderr,
@@ -406,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pairs", type=int, default=0, help="0 = every pair of the 5 countries")
     p.add_argument("--goqa-dir", default=d.goqa_dir)
     p.add_argument("--optim", default=d.optim, help="AdamW implementation, both sides")
+    p.add_argument(
+        "--model",
+        default="",
+        help="a saved model folder (e.g. models/SmolLM2-135M-Instruct, from `make models`) "
+        "instead of the GPT-2 built from --layers/--dim/--heads/--vocab; its own tokenizer",
+    )
+    p.add_argument("--loss", choices=("dpo", "ipo"), default=d.loss,
+                   help="dpo: TRL sigmoid vs our DPO/GR-DPO; ipo: TRL ipo vs our IPO/GR-IPO")  # fmt: skip
+    p.add_argument("--lora", action="store_true", help="LoRA adapters on both sides")
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--beta", type=float, default=d.beta)
+    p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -439,6 +469,13 @@ def main(argv: list[str] | None = None) -> int:
             windows=args.windows,
             threads=args.threads,
             optim=args.optim,
+            model=args.model,
+            loss=args.loss,
+            lora=args.lora,
+            lora_r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            beta=args.beta,
+            lr=args.lr,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -75,6 +75,13 @@ class Stores:
     def champion(self) -> str:
         return str(self.client().get_registered_model(self.model).aliases["champion"])
 
+    def clean_up(self) -> None:
+        """On the shared servers: this test's registered model and experiment deleted."""
+        if self.live:
+            c = self.client()
+            c.delete_registered_model(self.model)
+            c.delete_experiment(c.get_experiment_by_name(self.experiment).experiment_id)
+
 
 def start(stores: Stores, name: str, *extra: str, fault: str = "none", uri: str | None = None):
     """A ``grpo run`` process (its own session: a kill takes nothing else), output to files."""
@@ -284,11 +291,7 @@ def test_registrations_at_once_are_serialised_and_decided_on_fresh_reads(
         t.join(timeout=120)
     assert {d["decision"] for d in decisions.values()} == {"registered"}
     assert stores.champion() == decisions["good"]["version"]
-    try:
-        if live:
-            stores.client().delete_registered_model(stores.model)
-    except Exception:  # clean-up of a shared server only
-        pass
+    stores.clean_up()
 
 
 ACCS = {"good": (0.9, 0.8), "bad": (0.5, 0.9)}  # worst groups 0.8 and 0.5
@@ -335,8 +338,7 @@ def test_two_runs_at_once_in_one_checkout(where, request, tmp_path):
     logged = [runs_recorded[s["run_id"]].data.metrics for s in (a, b)]
     assert any(all(m.get(k) == v for k, v in metrics.items()) for m in logged)
     assert not list((project / "outputs").rglob(".*.tmp"))
-    if stores.live:
-        stores.client().delete_registered_model(stores.model)
+    stores.clean_up()
 
 
 # --------------------------------------------------------------------------- killed mid-training
@@ -516,5 +518,4 @@ def test_a_tracking_outage_after_training_keeps_the_model(where, request, tmp_pa
     [gone] = [r for r in runs.values() if r.info.run_id != summary["run_id"]]
     assert gone.info.status == "KILLED"  # found by the second run: its process was gone
     assert gone.data.tags["pipeline.superseded_by"] == summary["run_id"]
-    if stores.live:
-        stores.client().delete_registered_model(stores.model)
+    stores.clean_up()

@@ -130,3 +130,16 @@ def test_corrupt_parquet(tmp_path):
     path = tmp_path / "corrupt.parquet"
     path.write_bytes(b"PAR1 this is not parquet")
     _expect_error(path, "not a readable Parquet file")
+
+
+def test_written_table_has_the_mode_a_plain_write_gives(tmp_path):
+    """Atomic writes go through a private temp file; the table must not stay owner-only."""
+    import os
+
+    from grpo.data.generated import GeneratedConfig, generate
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for ext in ("parquet", "jsonl"):
+        path = write_pairs(generate(GeneratedConfig(n_pairs=60)), tmp_path / f"pairs.{ext}")
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask

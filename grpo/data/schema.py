@@ -19,11 +19,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from grpo.io import atomic_open
 
 COLUMNS: tuple[str, ...] = (
     "pair_id",
@@ -242,31 +242,23 @@ def write_pairs(frame: pd.DataFrame, path: str | Path) -> Path:
     table = canonical_order(frame)
     for col in table.columns:
         table[col] = table[col].astype(object).where(table[col].notna(), None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if kind == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-            schema = pa.schema([(c, pa.string()) for c in table.columns])
-            arrow = pa.Table.from_pandas(table, schema=schema, preserve_index=False)
-            arrow = arrow.replace_schema_metadata(None)  # no pandas/version metadata in the bytes
-            pq.write_table(arrow, tmp, compression="zstd", write_statistics=True)
-        elif kind == "csv":
-            table.to_csv(tmp, index=False, lineterminator="\n")
+        schema = pa.schema([(c, pa.string()) for c in table.columns])
+        arrow = pa.Table.from_pandas(table, schema=schema, preserve_index=False)
+        arrow = arrow.replace_schema_metadata(None)  # no pandas/version metadata in the bytes
+        with atomic_open(path, "wb") as fh:
+            pq.write_table(arrow, fh, compression="zstd", write_statistics=True)
+        return path
+    with atomic_open(path, "w", newline="\n") as fh:
+        if kind == "csv":
+            table.to_csv(fh, index=False, lineterminator="\n")
+        elif kind == "jsonl":
+            for row in table.to_dict(orient="records"):
+                fh.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
         else:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-                rows = table.to_dict(orient="records")
-                if kind == "jsonl":
-                    for row in rows:
-                        fh.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
-                else:
-                    json.dump(rows, fh, ensure_ascii=False, indent=1)
-                    fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            json.dump(table.to_dict(orient="records"), fh, ensure_ascii=False, indent=1)
+            fh.write("\n")
     return path

@@ -205,7 +205,9 @@ def _finished_runs(
 
 def _running(pending: dict, workers: int) -> str:
     """What runs now: the first ``workers`` pending tasks (a pool starts them in order)."""
-    names = [f"seed {j.seed}: {m or 'SFT'}" for j, m in list(pending.values())[:workers]]
+    names = [
+        f"seed {j.seed}: {m or 'reference (SFT)'}" for j, m in list(pending.values())[:workers]
+    ]
     return ", ".join(names)
 
 

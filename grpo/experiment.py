@@ -359,7 +359,8 @@ def _test_reference(
     """log π_ref of the test pairs (N,) each, scored once per seed (cached beside the reference)."""
     from grpo.distributed import DistInfo
     from grpo.modeling import load_pretrained, resolve_device
-    from grpo.trainer import LOGPS_DIR, encode_frame, reference_logps
+    from grpo.reference import LOGPS_DIR, reference_logps
+    from grpo.trainer import encode_frame
 
     model, tokenizer, _ = load_pretrained(reference, model_cfg.device)
     tokenizer.padding_side = model_cfg.padding_side

@@ -10,7 +10,8 @@ and α ← MirrorAscent(α, L̂, η_α), once per optimizer step.
 
 Entry points: :func:`train` (the whole stage: tokenizer, SFT, reference log-probs, preference
 training, checkpoints, the saved policy) and :class:`PreferenceTrainer` (one optimizer step at a
-time, for benchmarks: ``trainer.train_step(indices)``). SFT is in :mod:`grpo.sft`, checkpoints in
+time, for benchmarks: ``trainer.train_step(indices)``). SFT is in :mod:`grpo.sft`, the reference
+policy, its tokenizer and its cached log-probs in :mod:`grpo.reference`, checkpoints in
 :mod:`grpo.checkpoint`, micro-batches, the accumulated step and DDP in :mod:`grpo.distributed`.
 
 Names: ``policy`` is the causal LM being trained, ``scorer`` its
@@ -83,19 +84,23 @@ from grpo.modeling import (
     add_lora,
     autocast,
     load_model,
-    load_tokenizer,
     resolve_device,
     save_model,
     use_threads,
 )
-from grpo.sft import sft
+from grpo.reference import (
+    LOGPS_DIR,
+    make_tokenizer,
+    reference_logps,
+    reference_policy,
+    saved_tokenizer,
+)
 
 LogFn = Callable[[dict[str, float], int], None]
 REFERENCE_MODES = ("precomputed", "online")
 LR_SCHEDULES = ("plateau", "constant")
 BEST_POLICY = "best_policy.safetensors"
 RESULT_FILE = "train_result.json"
-LOGPS_DIR = "logps"  # a shared reference's cached log-probs, one file per set of pairs
 
 
 @dataclass
@@ -584,10 +589,10 @@ def prepare_reference(
     try:
         _prepare_out_dir(out_dir, False, dist_info)
         _seed_everything(train_cfg.seed)
-        tokenizer = _tokenizer(out_dir / "tokenizer", train_df, model_cfg, False, dist_info)
+        tokenizer = make_tokenizer(out_dir / "tokenizer", train_df, model_cfg, False, dist_info)
         common = _scoring_args(tokenizer, model_cfg, device)
         encoded = encode_frame(train_df, tokenizer, model_cfg)
-        _reference_policy(
+        reference_policy(
             out_dir / "reference", encoded, tokenizer, model_cfg, train_cfg, False, dist_info,
             common,
         )  # fmt: skip
@@ -619,9 +624,9 @@ def _train(
     # The tokenizer is saved once, so a resumed run tokenises exactly as the first one did;
     # a shared reference brings its own.
     if reference_dir is not None:
-        tokenizer = _saved_tokenizer(reference_dir, model_cfg)
+        tokenizer = saved_tokenizer(reference_dir, model_cfg)
     else:
-        tokenizer = _tokenizer(out_dir / "tokenizer", train_df, model_cfg, resume, dist_info)
+        tokenizer = make_tokenizer(out_dir / "tokenizer", train_df, model_cfg, resume, dist_info)
     data = _encode(train_df, val_df, tokenizer, group_names, model_cfg)
     common = _scoring_args(tokenizer, model_cfg, device)
     # The reference π_ref: the SFT model (or the base model), saved for evaluation; or the
@@ -629,7 +634,7 @@ def _train(
     if reference_dir is not None:
         model, sft_losses = load_model(model_cfg, tokenizer, path=reference_dir).to(device), []
     else:
-        model, sft_losses = _reference_policy(
+        model, sft_losses = reference_policy(
             out_dir / "reference", data.train_pairs, tokenizer, model_cfg, cfg, resume,
             dist_info, common,
         )  # fmt: skip
@@ -909,117 +914,6 @@ def _prepare_out_dir(out_dir: Path, resume: bool, dist_info: DistInfo) -> list[P
         (out_dir / BEST_POLICY).unlink(missing_ok=True)
     dist_info.barrier()
     return checkpoints
-
-
-def _tokenizer(
-    tok_dir: Path, train_df: pd.DataFrame, model_cfg: ModelConfig, resume: bool, dist_info: DistInfo
-):
-    """The saved tokenizer on resume; else a new one (trained on the training texts when the
-    model config asks for it), saved to ``tok_dir`` by rank 0."""
-    if resume and (tok_dir / "tokenizer_config.json").exists():
-        tok_cfg = copy.copy(model_cfg)
-        tok_cfg.tokenizer = str(tok_dir)
-        return load_tokenizer(tok_cfg)
-    texts = pd.concat([train_df["prompt"], train_df["chosen"], train_df["rejected"]]).tolist()
-    tokenizer = load_tokenizer(model_cfg, texts)
-    if dist_info.main:
-        tmp = tok_dir.with_name(f".{tok_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        tmp.rename(tok_dir)
-    return tokenizer
-
-
-def _saved_tokenizer(folder: Path, model_cfg: ModelConfig):
-    """The tokenizer saved with a model in ``folder`` (a shared reference), padded as configured."""
-    tok_cfg = copy.copy(model_cfg)
-    tok_cfg.tokenizer = str(folder)
-    return load_tokenizer(tok_cfg)
-
-
-def pairs_digest(pairs: EncodedPairs, *extra: str) -> str:
-    """sha256 (first 16 hex digits) of the token ids of ``pairs`` and ``extra`` strings: the key
-    of their cached reference log-probs (same ids, same reference, same scores)."""
-    import hashlib
-    import json
-
-    payload = json.dumps([pairs.prompt, pairs.chosen, pairs.rejected, list(extra)])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def reference_logps(
-    model: nn.Module,
-    pairs: EncodedPairs,
-    cfg: TrainConfig,
-    *,
-    cache: Path | None,
-    dist_info: DistInfo,
-    pad_token_id: int,
-    padding_side: str,
-    device: torch.device,
-    dtype: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π_ref(y_w|x), log π_ref(y_l|x) (N,) of ``pairs`` under ``model``: read from
-    ``cache/<digest>.safetensors`` when there (the digest covers the token ids, the device type
-    and the dtype), else scored (:func:`_score_reference`) and, with a ``cache``, written there
-    by rank 0 for the next method that trains from the same reference."""
-    from safetensors.torch import load_file, save_file
-
-    common = {"pad_token_id": pad_token_id, "padding_side": padding_side, "device": device}
-    file = None
-    if cache is not None:
-        file = cache / f"{pairs_digest(pairs, device.type, dtype)}.safetensors"
-        if file.exists():
-            stored = load_file(str(file))
-            return stored["chosen"], stored["rejected"]
-    chosen, rejected = _score_reference(model, pairs, cfg, dist_info, dtype=dtype, **common)
-    if file is not None and dist_info.main:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.tmp")
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
-        tmp.replace(file)
-    dist_info.barrier()
-    return chosen, rejected
-
-
-def _score_reference(
-    model: nn.Module, pairs: EncodedPairs, cfg: TrainConfig, dist_info: DistInfo, **common: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score ``pairs`` with the reference ``model`` (sharded over ranks)."""
-    scorer = SequenceScorer(model, cfg.fast_logprobs, cfg.shared_prompt)
-    scorer = scorer.to(common["device"]).eval()
-    return score_sharded(
-        scorer, pairs, batch_size=cfg.eval_batch_size, dist_info=dist_info, **common
-    )
-
-
-def _reference_policy(
-    ref_dir: Path,
-    train_pairs: EncodedPairs,
-    tokenizer,
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    resume: bool,
-    dist_info: DistInfo,
-    common: dict[str, Any],
-) -> tuple[nn.Module, list[float]]:
-    """π_ref on the device and the SFT losses: the saved one on resume; else the base model,
-    fine-tuned on the chosen responses when ``sft_epochs`` > 0, saved to ``ref_dir``."""
-    device = common["device"]
-    if resume and (ref_dir / "grpo.json").exists():
-        return load_model(model_cfg, tokenizer, path=ref_dir).to(device), []
-    model = load_model(model_cfg, tokenizer)
-    sft_losses: list[float] = []
-    if cfg.sft_epochs > 0:
-        target = add_lora(model, model_cfg) if model_cfg.lora else model
-        sft_losses = sft(target.to(device), train_pairs, cfg, dist_info=dist_info, **common)
-        model = target.merge_and_unload() if model_cfg.lora else target
-    if dist_info.main:
-        extra = {"stage": "reference", "sft_losses": sft_losses}
-        save_model(model.cpu(), tokenizer, ref_dir, extra=extra)
-    dist_info.barrier()
-    return model.to(device), sft_losses
 
 
 def _preference_trainer(

@@ -126,10 +126,11 @@ def test_baselines():
 @pytest.fixture
 def spies(monkeypatch):
     """Count SFT runs and reference scorings; record the splits every training call saw."""
+    import grpo.reference as reference
     import grpo.trainer as trainer
 
     seen = {"sft": 0, "scored": 0, "train_splits": [], "reference_splits": []}
-    real_sft, real_score = trainer.sft, trainer._score_reference
+    real_sft, real_score = reference.sft, reference.score_reference
     real_train, real_prepare = trainer.train, trainer.prepare_reference
 
     def sft(*args, **kwargs):
@@ -148,8 +149,8 @@ def spies(monkeypatch):
         seen["reference_splits"].append(set(pairs["split"]))
         return real_prepare(pairs, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "sft", sft)
-    monkeypatch.setattr(trainer, "_score_reference", score)
+    monkeypatch.setattr(reference, "sft", sft)
+    monkeypatch.setattr(reference, "score_reference", score)
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer, "prepare_reference", prepare)
     return seen

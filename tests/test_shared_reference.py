@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-import grpo.trainer as trainer
-from grpo.trainer import TrainConfig, prepare_reference, train
+import grpo.reference as reference
+from grpo.trainer import TrainConfig, encode_frame, prepare_reference, train
 from tests.trainer_helpers import small_pairs, tiny_model_cfg
 
 
@@ -42,13 +42,13 @@ def test_training_from_a_saved_base_reference_equals_training_alone(tmp_path):
 
 def test_the_reference_is_scored_once_for_several_methods(tmp_path, monkeypatch):
     calls = []
-    real = trainer._score_reference
+    real = reference.score_reference
 
     def counting(model, pairs, *args, **kwargs):
         calls.append(len(pairs))
         return real(model, pairs, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_score_reference", counting)
+    monkeypatch.setattr(reference, "score_reference", counting)
     pairs = small_pairs(120, seed=2)
     n_train = int((pairs["split"] == "train").sum())
     n_val = int((pairs["split"] == "validation").sum())
@@ -66,7 +66,7 @@ def test_the_reference_is_scored_once_for_several_methods(tmp_path, monkeypatch)
         step = result.history[0]
         losses = [v for k, v in step.items() if k.startswith("train/group_loss/")]
         assert losses and all(v == pytest.approx(math.log(2), abs=1e-6) for v in losses)
-    assert len(list((ref / trainer.LOGPS_DIR).glob("*.safetensors"))) == 2
+    assert len(list((ref / reference.LOGPS_DIR).glob("*.safetensors"))) == 2
 
 
 def test_cached_log_probs_equal_fresh_scores(tmp_path):
@@ -77,17 +77,17 @@ def test_cached_log_probs_equal_fresh_scores(tmp_path):
     model_cfg = tiny_model_cfg()
     ref = prepare_reference(pairs, model_cfg, _cfg("dpo"), tmp_path / "seed")
     model, tok, _ = load_pretrained(ref, "cpu")
-    encoded = trainer.encode_frame(pairs, tok, model_cfg)
+    encoded = encode_frame(pairs, tok, model_cfg)
     kwargs = {"dist_info": DistInfo(), "pad_token_id": tok.pad_token_id,
               "padding_side": "right", "device": torch.device("cpu"), "dtype": "auto"}  # fmt: skip
-    cache = ref / trainer.LOGPS_DIR
-    scored = trainer.reference_logps(model, encoded, _cfg("dpo"), cache=cache, **kwargs)
-    read = trainer.reference_logps(model, encoded, _cfg("dpo"), cache=cache, **kwargs)
-    fresh = trainer.reference_logps(model, encoded, _cfg("dpo"), cache=None, **kwargs)
+    cache = ref / reference.LOGPS_DIR
+    scored = reference.reference_logps(model, encoded, _cfg("dpo"), cache=cache, **kwargs)
+    read = reference.reference_logps(model, encoded, _cfg("dpo"), cache=cache, **kwargs)
+    fresh = reference.reference_logps(model, encoded, _cfg("dpo"), cache=None, **kwargs)
     for a, b, c in zip(scored, read, fresh, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
-    other = trainer.encode_frame(pairs.iloc[:10], tok, model_cfg)  # other pairs: another file
-    trainer.reference_logps(model, other, _cfg("dpo"), cache=cache, **kwargs)
+    other = encode_frame(pairs.iloc[:10], tok, model_cfg)  # other pairs: another file
+    reference.reference_logps(model, other, _cfg("dpo"), cache=cache, **kwargs)
     assert len(list(cache.glob("*.safetensors"))) == 2
 
 

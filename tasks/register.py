@@ -214,18 +214,7 @@ def _register_version(
         mv = mlflow.register_model(model_uri, cfg.model_name, tags={"gate.decision": "passed"})
     version = str(mv.version)
     promote_it = comparison["promote"]
-    tags = {
-        "gate.decision": "passed",
-        "gate.reason": gate.reason,
-        "gate.metric": cfg.metric,
-        "gate.value": f"{gate.value:.6f}",
-        "gate.bound": f"{gate.bound:.6f}",
-        "gate.confidence": f"{gate.confidence:g}",
-        "champion.decision": "promoted" if promote_it else "kept",
-        "champion.reason": comparison["reason"],
-        **comparison_tags(comparison),
-        "run_id": run_id,
-    }
+    tags = _version_tags(run_id, gate, cfg, comparison)
     for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
     client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
@@ -249,6 +238,24 @@ def _register_version(
         champion_comparison={k: v for k, v in comparison.items() if k != "promote"},
     )
     return out
+
+
+def _version_tags(
+    run_id: str, gate: GateDecision, cfg: RegisterConfig, comparison: dict[str, Any]
+) -> dict[str, str]:
+    """The tags a registered version carries: the gate's evidence and the champion decision."""
+    return {
+        "gate.decision": "passed",
+        "gate.reason": gate.reason,
+        "gate.metric": cfg.metric,
+        "gate.value": f"{gate.value:.6f}",
+        "gate.bound": f"{gate.bound:.6f}",
+        "gate.confidence": f"{gate.confidence:g}",
+        "champion.decision": "promoted" if comparison["promote"] else "kept",
+        "champion.reason": comparison["reason"],
+        **comparison_tags(comparison),
+        "run_id": run_id,
+    }
 
 
 def compare_with_champion(

@@ -9,7 +9,7 @@ never does. What the run shows in Prefect (its name, tags, a log line per stage,
 :mod:`flows.prefect_ui`'s.
 
 Runs at once and faults (docs/reliability.md): a run folder is trained by one process at a time
-and read back once finished; registration is serialised (:func:`registry_lock`); a run holds
+and read back once finished; registration is serialised (:func:`flows.stages.registry_guard`); a run holds
 ``run-<id>.lock`` while it lives, so the next run closes one whose process died
 (:func:`process_alive`); and an MLflow server that stops answering after training ends the run
 with one line naming it, the model kept for the next run to register.
@@ -42,7 +42,8 @@ GATE_KEYS = (
 
 TRAINING_CODE = (
     "config.py", "groups.py", "losses.py", "logprobs.py", "modeling.py", "trainer.py", "sft.py",
-    "distributed.py", "checkpoint.py", "evaluation.py",
+    "reference.py", "distributed.py", "checkpoint.py", "evaluation.py", "stats.py",
+    "metric_names.py", "samples.py",
 )  # fmt: skip
 
 
@@ -192,31 +193,7 @@ def reap_task(root: str, run_id: str, run_folder: str) -> list[str]:
 def register_task(
     run: dict[str, str], evaluation: dict[str, Any], cfgs: Any, model_uri: str | None, root: str
 ) -> dict[str, Any]:
-    return stages.register(run, evaluation, cfgs, model_uri, Path(root), lock=registry_lock())
-
-
-REGISTRY_LIMIT = "grpo-registry"  # the Prefect global concurrency limit (1 slot)
-
-
-def registry_lock():
-    """What serialises gate decisions and alias moves: with a shared Prefect server
-    (``PREFECT_API_URL``), its global concurrency limit :data:`REGISTRY_LIMIT` of one slot, so
-    runs on any machine take turns (created on first use; a holder that dies frees its slot
-    when its lease ends); without one, None: ``stages.register``'s file lock."""
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        return None
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
-
-    # another run may create it at the same moment
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.upsert_global_concurrency_limit_by_name(REGISTRY_LIMIT, 1)
-    return concurrency(
-        REGISTRY_LIMIT, occupy=1, timeout_seconds=stages.REGISTRY_WAIT_S, strict=True
-    )
+    return stages.register(run, evaluation, cfgs, model_uri, Path(root))
 
 
 @task(name="end-run", retries=2, retry_delay_seconds=2)
@@ -380,7 +357,7 @@ def record_and_register(
     name: str,
 ) -> dict[str, Any]:
     """The tracking and register stages: history, evaluation and model into the MLflow run,
-    then the gate (serialised: :func:`registry_lock`). Returns the decision."""
+    then the gate (serialised: :func:`flows.stages.registry_guard`). Returns the decision."""
     run_id = tracking["run_id"]
     clock.start("tracking")
     log_results_task(run_id, trained, evaluation, cfgs.register.metric)

@@ -19,9 +19,11 @@ what the previous stage wrote. The MLflow record is written by the same function
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,27 +208,62 @@ def log_model(run_id: str, trained: dict[str, Any], enabled: bool) -> str | None
     return uri
 
 
+REGISTRY_LIMIT = "grpo-registry"  # the Prefect global concurrency limit (1 slot)
+
+
+@contextlib.contextmanager
+def registry_guard(root: Path) -> Iterator[None]:
+    """What serialises gate decisions and alias moves, the same for ``grpo run``, ``grpo stage
+    register`` and ``grpo promote``: with a shared Prefect server, first its global concurrency
+    limit :data:`REGISTRY_LIMIT` of one slot (processes on any machine take turns; created on
+    first use; a holder that dies frees its slot when its lease ends), then always the file lock
+    ``tasks.tracking.registry_lock`` names (every process of this machine using the store)."""
+    from tasks.locks import file_lock
+    from tasks.tracking import registry_lock
+
+    with contextlib.ExitStack() as stack:
+        if prefect_api_url():
+            stack.enter_context(_prefect_registry_limit())
+        stack.enter_context(file_lock(registry_lock(root), timeout=REGISTRY_WAIT_S))
+        yield
+
+
+def prefect_api_url() -> str:
+    """The Prefect server this process talks to: Prefect's own setting (profiles included) where
+    Prefect is already imported (``grpo run``), else ``PREFECT_API_URL`` from the environment,
+    so that commands that do not orchestrate need not import Prefect to find out."""
+    if "prefect" not in sys.modules:
+        return os.environ.get("PREFECT_API_URL", "")
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or ""
+
+
+def _prefect_registry_limit() -> AbstractContextManager:
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    # another run may create it at the same moment
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.upsert_global_concurrency_limit_by_name(REGISTRY_LIMIT, 1)
+    return concurrency(REGISTRY_LIMIT, occupy=1, timeout_seconds=REGISTRY_WAIT_S, strict=True)
+
+
 def register(
     run: dict[str, str],
     evaluation: dict[str, Any],
     cfgs: Configs,
     model_uri: str | None,
     root: Path,
-    *,
-    lock: AbstractContextManager | None = None,
 ) -> dict[str, Any]:
     """The gate on the evaluation, the current champion re-scored on the same pairs, the
     registry aliases; writes :data:`DECISION_JSON`.
 
-    All of it under ``lock`` (default: the file lock ``tasks.tracking.registry_lock`` names), so
-    two runs registering at once take turns, and each reads the champion afresh inside it.
+    All of it under :func:`registry_guard`, so two runs registering at once (or a run and a
+    ``grpo promote``) take turns, and each reads the champion afresh inside it.
     """
-    from tasks.locks import file_lock
-    from tasks.tracking import registry_lock
-
-    if lock is None:
-        lock = file_lock(registry_lock(root), timeout=REGISTRY_WAIT_S)
-    with lock:
+    with registry_guard(root):
         decision = _gate_and_register(run, evaluation, cfgs, model_uri, root)
     write_json(
         root / DECISION_JSON,

@@ -501,6 +501,7 @@ def summarise(
         "model": cfg.model_name,
         "settings": cfg.settings,
         "methods": methods,
+        "confidence": cfg.confidence,
         "intervals": {
             m: wilson_table(runs, groups, cfg.confidence) for m, runs in by_method.items()
         },

@@ -95,8 +95,9 @@ def comparison_table(results: dict[str, Any]) -> list[str]:
     """The paired bootstrap of each method's worst-group metric against its baseline."""
     if not results.get("comparisons"):
         return ["(no method ran with its pooled baseline: nothing to compare)"]
+    level = f"{results.get('confidence', 0.95):.0%}"
     lines = [
-        "| comparison | worst-group metric | difference | 95% interval | resamples ≤ 0 | test pairs × seeds |",
+        f"| comparison | worst-group metric | difference | {level} interval | resamples ≤ 0 | test pairs × seeds |",
         "|---|---|---|---|---|---|",
     ]
     for by_metric in results["comparisons"].values():
@@ -143,7 +144,8 @@ def markdown(results: dict[str, Any], title: str) -> str:
         "",
         f"Model `{results.get('model') or '?'}`; {len(_groups(results))} {_noun(results)} "
         f"groups; seeds {seeds}; methods {', '.join(label(m) for m in results['methods'])}. "
-        "Test split; mean ± standard error over seeds; [95% Wilson interval of the seed mean, "
+        "Test split; mean ± standard error over seeds; "
+        f"[{results.get('confidence', 0.95):.0%} Wilson interval of the seed mean, "
         "on the group's test pairs per seed]. Worst group: per seed the minimum accuracy "
         "(maximum loss) over groups, then the mean over seeds.",
         "",

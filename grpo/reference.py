@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from grpo.distributed import DistInfo, score_sharded
+from grpo.io import atomic_open
 from grpo.logprobs import EncodedPairs, SequenceScorer
 from grpo.modeling import ModelConfig, add_lora, load_model, load_tokenizer, save_model
 from grpo.sft import sft
@@ -84,7 +85,7 @@ def reference_logps(
     ``cache/<digest>.safetensors`` when there (the digest covers the token ids, the device type
     and the dtype), else scored (:func:`score_reference`) and, with a ``cache``, written there
     by rank 0 for the next method that trains from the same reference."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     common = {"pad_token_id": pad_token_id, "padding_side": padding_side, "device": device}
     file = None
@@ -95,10 +96,10 @@ def reference_logps(
             return stored["chosen"], stored["rejected"]
     chosen, rejected = score_reference(model, pairs, cfg, dist_info, dtype=dtype, **common)
     if file is not None and dist_info.main:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.tmp")
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
-        tmp.replace(file)
+        # methods of one seed training at once in worker processes may both miss the cache and
+        # write this file: a unique temporary name each, the last whole file wins (same scores)
+        with atomic_open(file, "wb") as handle:
+            handle.write(save({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}))
     dist_info.barrier()
     return chosen, rejected
 

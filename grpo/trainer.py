@@ -109,7 +109,7 @@ class TrainConfig:
 
     method: str = "gr-dpo"  # dpo | ipo | is-dpo | is-ipo | gr-dpo | gr-ipo
     beta: float = 0.1  # β of the DPO/IPO loss
-    eta_alpha: float = 0.05  # η_α of the group-weight mirror ascent (our scale: B × authors')
+    eta_alpha: float = 0.05  # η_α of the α mirror ascent (our scale: B × ℓ₀ × authors')
     chi: float = 1.0  # θ-step weights (1−χ)/K + χα; 1 = pure GRPO
     size_c: float = 0.0  # Group-DRO size adjustment C/√N_g in the α update (0 = off)
     lr: float = 1e-3  # AdamW learning rate

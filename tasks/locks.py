@@ -12,7 +12,7 @@ lock file to clean up by hand. The project's lock files live in :data:`LOCKS_DIR
   is shared (a SQLite store's lock sits beside its database instead: see ``tasks.tracking``).
 
 Locks only serialise processes that share the file system. Across machines the registry is
-serialised by a Prefect global concurrency limit (``flows.retrain.registry_lock``).
+serialised by a Prefect global concurrency limit as well (``flows.stages.registry_guard``).
 """
 
 from __future__ import annotations

@@ -56,14 +56,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from mlflow.exceptions import MlflowException
 
-    from flows.stages import REGISTRY_WAIT_S
+    from flows.stages import registry_guard
     from tasks import tracking
-    from tasks.locks import file_lock
     from tasks.register import GateRejected, promote
 
     tracking.setup(root, cfg.experiment)
-    try:  # the lock `grpo run` registers under (without a shared Prefect server)
-        with file_lock(tracking.registry_lock(root), timeout=REGISTRY_WAIT_S):
+    try:  # the locks `grpo run` registers under
+        with registry_guard(root):
             out = promote(args.name, args.version, cfg, force=args.force)
     except GateRejected as exc:
         print(f"grpo promote: refused: {exc}", file=sys.stderr)

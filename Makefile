@@ -102,5 +102,6 @@ bench: setup-bench  ## the benchmarks (tables printed, JSON under outputs/bench)
 	$(PY) -m benchmarks.throughput --json outputs/bench/throughput.json
 	$(PY) -m benchmarks.pipeline --json outputs/bench/pipeline.json
 
-clean:  ## remove run outputs (keeps .venv and the MLflow store)
+clean:  ## remove run outputs (keeps .venv, the MLflow store and the committed latest-run files)
 	rm -rf outputs .pytest_cache .ruff_cache
+	git checkout -- outputs 2>/dev/null || true

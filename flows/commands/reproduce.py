@@ -135,9 +135,10 @@ def main(args: argparse.Namespace) -> int:
     print(markdown_table(summary), end="")
     print(f"sweep: {result.seconds:.2f} s; wrote {args.out}/results.json, results.md and the PNGs")
     if args.mlflow:
+        from flows.params import find_root
         from tasks.synthetic_tracking import log_sweep
 
-        run_ids = log_sweep(summary, args.out)
+        run_ids = log_sweep(summary, args.out, root=find_root())  # the project's store
         print(f"mlflow: logged {len(run_ids)} runs in experiment 'grpo-synthetic'")
     return 0
 

@@ -22,8 +22,8 @@ policy fitted to the pooled data (DPO) serves the majority and fails the minorit
   ``group_in_prompt=False`` drops the group (``Question: {question}``): one policy for everyone.
 - **Framings.** With ``negated_framings`` (the old default) half the framings are negated
   ("reduce", "ban"): the answer is the topic's stance times the framing's polarity, an
-  interaction the tiny default model never learns (``docs/pipeline.md``, "Why the old default
-  showed nothing"). Without them, a group's answer depends on the topic alone, which the model
+  interaction the tiny default model never learns (``docs/embedded-scenario.md``, "The old
+  default showed nothing, and why"). Without them, a group's answer depends on the topic alone, which the model
   learns; what it cannot learn within its training budget is every group's view at once.
 - **Difficulty** sets how far apart chosen and rejected are on the scale: 0 → the rejected option
   is the farthest from the chosen one, 1 → an adjacent one. ``noise`` swaps a seeded fraction

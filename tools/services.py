@@ -30,12 +30,15 @@ MLflow talks to PostgreSQL through psycopg 3 (``pip install -e ".[services]"``).
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -73,7 +76,7 @@ class Settings:
 
     @property
     def pg_dir(self) -> Path:
-        return self.home / "postgres"
+        return postgres_dir(self.home)
 
     @property
     def pg_log(self) -> Path:
@@ -113,6 +116,22 @@ def pg_bin(tool: str) -> str:
     )
 
 
+@functools.lru_cache
+def postgres_dir(home: Path) -> Path:
+    """``home/postgres``; but as root, when the ``postgres`` user cannot reach ``home`` (a parent
+    folder closed to others, e.g. a checkout under a 0700 ``/root``), a folder of its own under
+    the system's temporary directory, named after ``home`` (the same one every time)."""
+    default = home / "postgres"
+    if os.geteuid() != 0:
+        return default
+    existing = next(p for p in (home, *home.parents) if p.exists())
+    reach = subprocess.run(as_pg_owner(["test", "-x", str(existing)]), capture_output=True, cwd="/")
+    if reach.returncode == 0:
+        return default
+    digest = hashlib.sha256(str(home).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"grpo-services-{digest}" / "postgres"
+
+
 def as_pg_owner(cmd: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: as root, run its commands as the ``postgres`` user."""
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
@@ -147,6 +166,8 @@ def start_postgres(s: Settings) -> str:
     s.pg_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(s.pg_dir, "postgres", "postgres")
+        if not s.pg_dir.is_relative_to(s.home):
+            print(f"services: the postgres user cannot reach {s.home}; its data is in {s.pg_dir}")
     if not (data / "PG_VERSION").exists():
         run_pg([pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
                 "-E", "UTF8", "--no-instructions"], "initdb", s.pg_log)  # fmt: skip

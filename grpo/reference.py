@@ -1,7 +1,8 @@
 """The reference policy π_ref and its log-probs, shared by training and by experiments.
 
-DPO-style losses compare the policy with a fixed reference: ``h = β[(log π_θ(y_w|x) − log
-π_ref(y_w|x)) − (log π_θ(y_l|x) − log π_ref(y_l|x))]``. Everything about π_ref lives here: the
+DPO-style losses compare the policy with a fixed reference through the margin ``h = (log
+π_θ(y_w|x) − log π_ref(y_w|x)) − (log π_θ(y_l|x) − log π_ref(y_l|x))``
+(:func:`grpo.losses.reward_margin`). Everything about π_ref lives here: the
 tokenizer (the model's own, or a BPE trained on the training texts), the reference policy itself
 (the base model, fine-tuned on the chosen responses when ``sft_epochs`` > 0, saved once), and its
 log-probs of a set of pairs, scored once and, for a shared reference, cached beside it under a

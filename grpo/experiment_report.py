@@ -220,7 +220,9 @@ def plot_group_accuracy(results: dict[str, Any], path: Path) -> Path:
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))]
             ax.bar(xs, [c["mean"] for c in cells], width, yerr=[c["sem"] for c in cells],
                    color=COLORS.get(m), label=label(m), capsize=2)  # fmt: skip
-        ax.set_xticks(range(len(groups)), [g.split(" (")[0] for g in groups], fontsize=8)
+        first = results["methods"][methods[0]]["groups"]
+        ticks = [f"{g.split(' (')[0]}\n{_pairs(first[g])} pairs/seed" for g in groups]
+        ax.set_xticks(range(len(groups)), ticks, fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"{METRIC_TITLES[metric]} per {_noun(results)} (test)", fontsize=9)
         ax.tick_params(labelsize=7)

@@ -196,19 +196,21 @@ def _num(value: Any, fmt: str = ".4f") -> str:
 def per_group_lines(ev: dict[str, Any], confidence: float | None) -> list[str]:
     """The per-group table: pairs, the metrics, each accuracy with its interval."""
     level = f"{confidence:.0%} CI" if confidence else "CI"
-    columns = [("pairs", 7), ("loss", 9), ("reward_accuracy", 16), (level, 15),
-               ("logprob_accuracy", 17), (level, 15), ("reward_margin", 14)]  # fmt: skip
+    # every cell starts with a space, so a wide number (IPO losses run to thousands) never runs
+    # into its neighbour
+    columns = [("pairs", 6), ("loss", 11), ("reward_accuracy", 15), (level, 14),
+               ("logprob_accuracy", 16), (level, 14), ("reward_margin", 13)]  # fmt: skip
     width = max([24, *(len(str(r["group"])) + 2 for r in ev["per_group"])])
-    lines = [f"  {'group':<{width}}" + "".join(f"{name:>{w}}" for name, w in columns)]
+    lines = [f"  {'group':<{width}}" + "".join(f" {name:>{w}}" for name, w in columns)]
 
     def row(name: str, r: dict[str, Any]) -> str:
-        cells = [f"{_num(r.get('pairs'), '.0f'):>7}", f"{_num(r.get('loss')):>9}"]
-        for m, w in (("reward_accuracy", 16), ("logprob_accuracy", 17)):
+        cells = [f"{_num(r.get('pairs'), '.0f'):>6}", f"{_num(r.get('loss')):>11}"]
+        for m, w in (("reward_accuracy", 15), ("logprob_accuracy", 16)):
             low, high = r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
             interval = "-" if low is None or low != low else f"[{low:.2f}, {high:.2f}]"
-            cells += [f"{_num(r.get(m)):>{w}}", f"{interval:>15}"]
-        cells.append(f"{_num(r.get('reward_margin')):>14}")
-        return f"  {name:<{width}}" + "".join(cells)
+            cells += [f"{_num(r.get(m)):>{w}}", f"{interval:>14}"]
+        cells.append(f"{_num(r.get('reward_margin')):>13}")
+        return f"  {name:<{width}}" + "".join(f" {c}" for c in cells)
 
     lines += [row(str(r["group"]), r) for r in ev["per_group"]]
     lines.append(row("overall", ev["overall"]))

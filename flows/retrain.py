@@ -9,8 +9,8 @@ never does. What the run shows in Prefect (its name, tags, a log line per stage,
 :mod:`flows.prefect_ui`'s.
 
 Runs at once and faults (docs/reliability.md): a run folder is trained by one process at a time
-and read back once finished; registration is serialised (:func:`flows.stages.registry_guard`); a run holds
-``run-<id>.lock`` while it lives, so the next run closes one whose process died
+and read back once finished; registration is serialised (:func:`flows.stages.registry_guard`);
+a run holds ``run-<id>.lock`` while it lives, so the next run closes one whose process died
 (:func:`process_alive`); and an MLflow server that stops answering after training ends the run
 with one line naming it, the model kept for the next run to register.
 """

@@ -369,6 +369,8 @@ def promote(
 ) -> dict[str, Any]:
     """Move ``champion`` to ``version`` by hand; the gate (with intervals, on the version's logged
     figures) is re-checked unless ``force``."""
+    from tasks.tracking import describe_champion
+
     client = _client()
     version = str(version)
     client.get_model_version(name, version)  # raises a clear MlflowException when absent
@@ -384,6 +386,7 @@ def promote(
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "champion.decision", "promoted")
     client.set_model_version_tag(name, version, "champion.reason", reason)
+    describe_champion(name, version, reason)
     return {
         "model_name": name,
         "version": version,

@@ -595,8 +595,15 @@ def describe_version(
     text = version_description(name, metrics, decision)
     client().update_model_version(decision["model_name"], version, description=text)
     if "champion" in (decision.get("aliases") or []):
-        header = f"{EXPERIMENT_NOTE}\n\nChampion: version {version}."
-        client().update_registered_model(decision["model_name"], description=f"{header}\n\n{text}")
+        describe_champion(decision["model_name"], version)
+
+
+def describe_champion(model_name: str, version: str, how: str = "") -> None:
+    """The registered model's description: what the model is, which version is champion (and
+    ``how`` it became so), then that version's own description."""
+    text = client().get_model_version(model_name, version).description or ""
+    header = f"{EXPERIMENT_NOTE}\n\nChampion: version {version}{f' ({how})' if how else ''}."
+    client().update_registered_model(model_name, description=f"{header}\n\n{text}".rstrip())
 
 
 # --- plots (pure matplotlib; logged with log_figures) ------------------------------------------

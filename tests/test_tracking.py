@@ -230,6 +230,7 @@ def test_gate_and_champion_in_the_registry(store, tiny_model_dir):
 
 def test_promote_rechecks_the_gate(store, tiny_model_dir):
     from tasks.register import GateRejected, RegisterConfig, promote, register
+    from tasks.tracking import client
 
     cfg = RegisterConfig(model_name="m", min_worst_group_accuracy=0.5, confidence=0.0)
     for accs in ({"a": 0.6, "b": 0.7}, {"a": 0.8, "b": 0.9}):
@@ -249,6 +250,9 @@ def test_promote_rechecks_the_gate(store, tiny_model_dir):
     out = promote("m", "1", strict, force=True)
     assert out["previous_champion"] == "2" and "--force" in out["reason"]
     assert aliases()["champion"] == "1"
+    # the registered model's description names the new champion (it named none or 2 before)
+    description = client().get_registered_model("m").description
+    assert "Champion: version 1 (promoted by hand from version 2" in description
     assert promote("m", "2", cfg)["gate"] == "passed" and aliases()["champion"] == "2"
 
 

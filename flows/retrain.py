@@ -43,7 +43,7 @@ GATE_KEYS = (
 TRAINING_CODE = (
     "config.py", "groups.py", "losses.py", "logprobs.py", "modeling.py", "trainer.py", "sft.py",
     "reference.py", "distributed.py", "checkpoint.py", "evaluation.py", "stats.py",
-    "metric_names.py", "samples.py",
+    "metric_names.py", "samples.py", "io.py",
 )  # fmt: skip
 
 

@@ -12,7 +12,8 @@ an unbiased estimate of the group mean L_g = (1/N_g) Σ_{i∈D_g} ℓ_i. It is w
 computes (batch sum × N/N_g) divided by B, and its scale does not depend on B or on the number of
 accumulation steps. The α step divides L̂ by ℓ₀, the loss at zero margin (:class:`GroupWeights`'s
 ``loss_scale``), so ``η_α(ours) = B × ℓ₀ × η_α(authors)`` (``docs/training.md``). The robust
-objective Σ_g w_g L̂_g is then linear in the per-pair losses with per-pair coefficients c_i = N w_{g(i)} / (B N_{g(i)})
+objective Σ_g w_g L̂_g is then linear in the per-pair losses with per-pair coefficients
+c_i = N w_{g(i)} / (B N_{g(i)})
 (:func:`pair_coefficients`), which are known before the forward pass, so the weighted loss can be
 back-propagated micro-batch by micro-batch.
 

@@ -353,3 +353,13 @@ def test_two_worker_processes_compute_what_one_does(tmp_path, monkeypatch):
         assert (a["seed"], a["method"]) == (b["seed"], b["method"])
         assert a["test"] == b["test"]
     assert one["methods"] == two["methods"]
+
+
+def test_the_comparison_table_names_the_configured_confidence():
+    from grpo.experiment_report import comparison_table
+
+    c = {"method": "gr-dpo", "baseline": "dpo", "estimate": 0.1, "low": 0.0, "high": 0.2,
+         "share_at_or_below_zero": 0.1, "items": 10}  # fmt: skip
+    lines = comparison_table({"confidence": 0.9, "comparisons": {"gr-dpo": {"reward_accuracy": c}}})
+    assert "| 90% interval |" in lines[0] and "95%" not in lines[0]
+    assert "[+0.000, +0.200]" in lines[2]
